@@ -1,0 +1,287 @@
+"""The broker's metadata database: enclaves, their public keys, and one row per request.
+
+Nothing here can hold a payload: the tables have no column for envelopes, frames or payload
+bytes. Enclave keys and evidence are public (any edge may fetch and verify them), so storing them
+is safe. SQLite (WAL) for one node; the same tables work on PostgreSQL for replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, Engine, LargeBinary, String, UniqueConstraint, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, select
+
+STATUS_ADMITTED = "admitted"
+STATUS_EVICTED = "evicted"
+
+
+class EnclaveRow(SQLModel, table=True):
+    __tablename__ = "enclaves"
+
+    enclave_id: str = Field(primary_key=True)
+    address: str
+    region: str
+    tee_type: str
+    simulated: bool
+    models: str = ""  # newline-separated; tiny, read whole, never queried by content
+    measurement: str = ""
+    status: str = Field(index=True)
+    status_reason: str = ""
+    attestation_status: str = ""
+    attestation_expires_ms: int = 0
+    admitted_at_ms: int = 0
+    last_heartbeat_ms: int = 0
+
+    @property
+    def model_list(self) -> list[str]:
+        return [m for m in self.models.split("\n") if m]
+
+
+class EnclaveKeyRow(SQLModel, table=True):
+    __tablename__ = "enclave_keys"
+    __table_args__ = (UniqueConstraint("enclave_id", "epoch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    enclave_id: str = Field(foreign_key="enclaves.enclave_id", index=True)
+    epoch: int
+    kem: str
+    public_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    not_after_ms: int
+    evidence_format: str
+    evidence: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    verified_at_ms: int
+    attested_until_ms: int  # earlier of key expiry and evidence age limit
+
+
+class RequestRow(SQLModel, table=True):
+    __tablename__ = "requests"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(sa_column=Column(String(32), index=True, nullable=False))
+    tenant: str = Field(index=True)
+    app: str
+    model: str
+    op: str
+    stream: bool
+    candidates: int
+    enclave_id: str | None = None  # the enclave that served it, if any
+    attempts: int
+    status: str  # gRPC status code name returned to the edge
+    bytes_in: int
+    bytes_out: int
+    frames: int
+    created_at_ms: int = Field(index=True)
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A verified enclave key, ready to store."""
+
+    epoch: int
+    kem: str
+    public_key: bytes
+    not_after_ms: int
+    evidence_format: str
+    evidence: bytes
+    verified_at_ms: int
+    attested_until_ms: int
+
+
+@dataclass(frozen=True)
+class EnclaveRecord:
+    """An admitted enclave as the registry saw it at admission."""
+
+    enclave_id: str
+    address: str
+    region: str
+    tee_type: str
+    simulated: bool
+    models: tuple[str, ...]
+    measurement: str
+    attestation_status: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class EnclaveEntry:
+    """An enclave with its currently usable keys (a read model, detached from the session)."""
+
+    enclave: EnclaveRow
+    keys: tuple[EnclaveKeyRow, ...]
+
+
+def open_database(url: str) -> Engine:
+    """Connect, create missing tables, and (SQLite) switch to WAL so readers never block."""
+    kwargs: dict[str, Any] = {"hide_parameters": True}  # SQL errors must not echo bound values
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        if parsed.database in (None, "", ":memory:"):
+            kwargs["poolclass"] = StaticPool  # one shared connection, or each thread sees its own DB
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def admit_enclave(engine: Engine, record: EnclaveRecord, keys: Sequence[KeyRecord]) -> None:
+    """Insert or replace an enclave and replace all its keys (a registration is a fresh start)."""
+    with Session(engine) as session:
+        row = session.get(EnclaveRow, record.enclave_id) or EnclaveRow(
+            enclave_id=record.enclave_id, address="", region="", tee_type="", simulated=False,
+            status=STATUS_ADMITTED,
+        )  # fmt: skip
+        row.address = record.address
+        row.region = record.region
+        row.tee_type = record.tee_type
+        row.simulated = record.simulated
+        row.models = "\n".join(record.models)
+        row.measurement = record.measurement
+        row.status = STATUS_ADMITTED
+        row.status_reason = ""
+        row.attestation_status = record.attestation_status
+        row.attestation_expires_ms = max(k.attested_until_ms for k in keys)
+        row.admitted_at_ms = record.now_ms
+        row.last_heartbeat_ms = record.now_ms
+        session.add(row)
+        session.exec(delete(EnclaveKeyRow).where(col(EnclaveKeyRow.enclave_id) == row.enclave_id))
+        session.add_all(_key_rows(row.enclave_id, keys))
+        session.commit()
+
+
+def get_enclave(engine: Engine, enclave_id: str) -> EnclaveRow | None:
+    with Session(engine) as session:
+        return session.get(EnclaveRow, enclave_id)
+
+
+def record_heartbeat(
+    engine: Engine, enclave_id: str, now_ms: int, keys: Sequence[KeyRecord] = ()
+) -> None:
+    """Note a heartbeat; upsert re-appraised keys by epoch and drop keys whose attestation ended."""
+    with Session(engine) as session:
+        row = session.get(EnclaveRow, enclave_id)
+        if row is None:
+            return
+        epochs = [k.epoch for k in keys]
+        session.exec(
+            delete(EnclaveKeyRow).where(
+                col(EnclaveKeyRow.enclave_id) == enclave_id,
+                col(EnclaveKeyRow.epoch).in_(epochs) | (col(EnclaveKeyRow.attested_until_ms) <= now_ms),
+            )
+        )
+        session.add_all(_key_rows(enclave_id, keys))
+        session.flush()
+        row.last_heartbeat_ms = now_ms
+        row.attestation_expires_ms = _attested_until(session, enclave_id)
+        session.add(row)
+        session.commit()
+
+
+def _key_rows(enclave_id: str, keys: Iterable[KeyRecord]) -> list[EnclaveKeyRow]:
+    return [
+        EnclaveKeyRow(
+            enclave_id=enclave_id, epoch=k.epoch, kem=k.kem, public_key=k.public_key,
+            not_after_ms=k.not_after_ms, evidence_format=k.evidence_format, evidence=k.evidence,
+            verified_at_ms=k.verified_at_ms, attested_until_ms=k.attested_until_ms,
+        )  # fmt: skip
+        for k in keys
+    ]
+
+
+def _attested_until(session: Session, enclave_id: str) -> int:
+    stmt = select(EnclaveKeyRow.attested_until_ms).where(EnclaveKeyRow.enclave_id == enclave_id)
+    return max(session.exec(stmt).all(), default=0)
+
+
+def evict_stale(engine: Engine, now_ms: int, heartbeat_cutoff_ms: int) -> list[tuple[str, str]]:
+    """Drop keys whose attestation ended; evict enclaves that went silent or have no usable key.
+
+    Returns ``(enclave_id, reason)`` for each enclave evicted by this call.
+    """
+    evicted: list[tuple[str, str]] = []
+    with Session(engine) as session:
+        session.exec(delete(EnclaveKeyRow).where(col(EnclaveKeyRow.attested_until_ms) <= now_ms))
+        admitted = select(EnclaveRow).where(EnclaveRow.status == STATUS_ADMITTED)
+        for row in session.exec(admitted).all():
+            reason = _eviction_reason(session, row, now_ms, heartbeat_cutoff_ms)
+            if reason:
+                row.status, row.status_reason = STATUS_EVICTED, reason
+                row.attestation_expires_ms = _attested_until(session, row.enclave_id)
+                session.add(row)
+                evicted.append((row.enclave_id, reason))
+        session.commit()
+    return evicted
+
+
+def _eviction_reason(session: Session, row: EnclaveRow, now_ms: int, cutoff_ms: int) -> str:
+    if row.last_heartbeat_ms < cutoff_ms:
+        return f"no heartbeat for {(now_ms - row.last_heartbeat_ms) // 1000}s"
+    if _attested_until(session, row.enclave_id) <= now_ms:
+        return "attestation expired (no key with valid evidence left)"
+    return ""
+
+
+def evict(engine: Engine, enclave_id: str, reason: str) -> None:
+    with Session(engine) as session:
+        row = session.get(EnclaveRow, enclave_id)
+        if row is not None and row.status == STATUS_ADMITTED:
+            row.status, row.status_reason = STATUS_EVICTED, reason
+            session.add(row)
+            session.commit()
+
+
+def live_enclaves(
+    engine: Engine, now_ms: int, heartbeat_cutoff_ms: int, enclave_ids: Sequence[str] | None = None
+) -> list[EnclaveEntry]:
+    """Admitted enclaves that heartbeat recently, with keys still attested at ``now_ms``.
+
+    Filters on liveness itself rather than trusting the last eviction sweep, so a silent enclave
+    is never listed or dispatched to, even between sweeps. Enclaves left without keys are skipped.
+    """
+    with Session(engine) as session:
+        stmt = select(EnclaveRow).where(
+            EnclaveRow.status == STATUS_ADMITTED,
+            col(EnclaveRow.last_heartbeat_ms) >= heartbeat_cutoff_ms,
+        )
+        if enclave_ids is not None:
+            stmt = stmt.where(col(EnclaveRow.enclave_id).in_(enclave_ids))
+        rows = {r.enclave_id: r for r in session.exec(stmt.order_by(EnclaveRow.enclave_id)).all()}
+        key_stmt = (
+            select(EnclaveKeyRow)
+            .where(
+                col(EnclaveKeyRow.enclave_id).in_(list(rows)),
+                col(EnclaveKeyRow.attested_until_ms) > now_ms,
+            )
+            .order_by(EnclaveKeyRow.enclave_id, EnclaveKeyRow.epoch)
+        )
+        keys: dict[str, list[EnclaveKeyRow]] = {}
+        for key in session.exec(key_stmt).all():
+            keys.setdefault(key.enclave_id, []).append(key)
+    return [EnclaveEntry(row, tuple(keys[eid])) for eid, row in rows.items() if eid in keys]
+
+
+def record_request(engine: Engine, row: RequestRow) -> None:
+    with Session(engine) as session:
+        session.add(row)
+        session.commit()
+
+
+def recent_requests(engine: Engine, limit: int = 100) -> list[RequestRow]:
+    with Session(engine) as session:
+        stmt = select(RequestRow).order_by(col(RequestRow.id).desc()).limit(limit)
+        return list(session.exec(stmt).all())

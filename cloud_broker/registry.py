@@ -1,0 +1,293 @@
+"""Enclave admission by attestation: challenges, registration, heartbeats, eviction, directory.
+
+The broker admits an enclave only if every key it offers is bound by genuine evidence to a
+challenge nonce this broker issued, and the broker's reference values accept what the evidence
+reports. Edges re-verify everything themselves; admission keeps unattested machines out of the
+directory and out of dispatch, it is not something an edge has to trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import grpc
+from sqlalchemy import Engine
+
+from attestation.errors import AttestationError
+from attestation.reference_values import ReferenceValues
+from attestation.verifier import AttestationResult, OfferedKey, verify_key
+from cloud_broker import db
+from cloud_broker.config import TenantPolicy
+from cloud_broker.errors import BrokerError
+from sovra import suites
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]  # seconds since the epoch, like time.time
+
+NONCE_BYTES: Final = 32
+MAX_OUTSTANDING_CHALLENGES: Final = 10_000
+MAX_KEYS: Final = 8
+MAX_MODELS: Final = 128
+MAX_TEXT: Final = 255
+MAX_EVIDENCE_BYTES: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What an enclave says about itself when it registers; nothing here is trusted yet."""
+
+    enclave_id: str
+    address: str
+    region: str
+    tee_type: str
+    simulated: bool
+    models: tuple[str, ...]
+    keys: tuple[OfferedKey, ...]
+
+
+class ChallengeBook:
+    """Outstanding challenge nonces, in memory: single use, expiring, bound to the enclave asked."""
+
+    def __init__(self, ttl_s: int, clock: Clock) -> None:
+        self._ttl_ms = ttl_s * 1000
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[bytes, tuple[str, int]] = {}
+
+    def issue(self, enclave_id: str) -> Challenge:
+        now = _ms(self._clock())
+        with self._lock:
+            self._purge(now)
+            if len(self._open) >= MAX_OUTSTANDING_CHALLENGES:
+                raise BrokerError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many outstanding challenges; retry"
+                )
+            challenge = Challenge(os.urandom(NONCE_BYTES), now + self._ttl_ms)
+            self._open[challenge.nonce] = (enclave_id, challenge.expires_at_ms)
+        return challenge
+
+    def redeem(self, enclave_id: str, nonce: bytes) -> None:
+        """Consume ``nonce``; FAILED_PRECONDITION unless it is outstanding for ``enclave_id``."""
+        now = _ms(self._clock())
+        with self._lock:
+            entry = self._open.get(nonce)
+            # Another enclave's nonce stays outstanding for its owner; only the owner uses it up.
+            if entry is not None and entry[0] == enclave_id:
+                del self._open[nonce]
+        if entry is None or entry[0] != enclave_id or entry[1] <= now:
+            raise BrokerError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "unknown or expired challenge; call Challenge again",
+            )
+
+    def _purge(self, now_ms: int) -> None:
+        for nonce in [n for n, (_, exp) in self._open.items() if exp <= now_ms]:
+            del self._open[nonce]
+
+
+class Registry:
+    """Admission decisions and the enclave directory, backed by the metadata database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        reference_values: ReferenceValues,
+        *,
+        heartbeat_interval_s: int,
+        evict_after_missed: int,
+        challenge_ttl_s: int,
+        clock: Clock = time.time,
+    ) -> None:
+        self.engine = engine
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._rv = reference_values
+        self._window_ms = heartbeat_interval_s * evict_after_missed * 1000
+        self._clock = clock
+        self._challenges = ChallengeBook(challenge_ttl_s, clock)
+        self._write_lock = threading.Lock()  # one writer at a time: SQLite would serialise anyway
+
+    def now_ms(self) -> int:
+        return _ms(self._clock())
+
+    def challenge(self, enclave_id: str) -> Challenge:
+        return self._challenges.issue(enclave_id)
+
+    def register(self, caller: str, announcement: Announcement, nonce: bytes) -> None:
+        if announcement.enclave_id != caller:
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"descriptor names enclave {announcement.enclave_id!r} but the client "
+                f"certificate is enclave {caller!r}",
+            )
+        _check_announcement(announcement)
+        self._challenges.redeem(caller, nonce)
+        now = self.now_ms()
+        results = [self._appraise(key, nonce, now) for key in announcement.keys]
+        for result in results:
+            _check_matches(result, announcement.region, announcement.tee_type,
+                           announcement.simulated)  # fmt: skip
+        if len({r.measurement for r in results}) != 1:
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED, "keys carry evidence of different measurements"
+            )
+        record = db.EnclaveRecord(
+            enclave_id=caller, address=announcement.address, region=announcement.region,
+            tee_type=announcement.tee_type, simulated=announcement.simulated,
+            models=announcement.models, measurement=results[0].measurement,
+            attestation_status=results[0].status, now_ms=now,
+        )  # fmt: skip
+        with self._write_lock:
+            db.admit_enclave(self.engine, record, _key_records(announcement.keys, results))
+        log.info(
+            "admitted enclave=%s region=%s tee=%s simulated=%s epochs=%s models=%s address=%s",
+            caller, record.region, record.tee_type, record.simulated,
+            [k.epoch for k in announcement.keys], list(record.models), record.address,
+        )  # fmt: skip
+
+    def heartbeat(
+        self, caller: str, enclave_id: str, keys: Sequence[OfferedKey], nonce: bytes
+    ) -> None:
+        if enclave_id and enclave_id != caller:
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"heartbeat names enclave {enclave_id!r} but the client certificate is "
+                f"enclave {caller!r}",
+            )
+        row = self._admitted_row(caller)
+        records: list[db.KeyRecord] = []
+        if keys:
+            _check_keys(keys, caller)
+            self._challenges.redeem(caller, nonce)
+            now = self.now_ms()
+            results = [self._appraise(key, nonce, now) for key in keys]
+            for result in results:
+                _check_matches(result, row.region, row.tee_type, row.simulated)
+            records = _key_records(keys, results)
+        with self._write_lock:
+            db.record_heartbeat(self.engine, caller, self.now_ms(), records)
+        if records:
+            log.info("re-appraised enclave=%s epochs=%s", caller, [k.epoch for k in records])
+
+    def evict_stale(self, now: float | None = None) -> list[str]:
+        """Evict enclaves silent for longer than the window or without attested keys.
+
+        ``now`` (seconds) defaults to the registry clock; tests pass it to be deterministic.
+        """
+        now_ms = _ms(self._clock() if now is None else now)
+        with self._write_lock:
+            evicted = db.evict_stale(self.engine, now_ms, now_ms - self._window_ms)
+        for enclave_id, reason in evicted:
+            log.info("evicted enclave=%s reason=%s", enclave_id, reason)
+        return [enclave_id for enclave_id, _ in evicted]
+
+    def directory(self, tenant: TenantPolicy, model: str = "") -> list[db.EnclaveEntry]:
+        """Live enclaves the tenant may use, optionally only those serving ``model``."""
+        return [
+            e
+            for e in self.live()
+            if tenant.allows_region(e.enclave.region) and (not model or model in e.enclave.model_list)
+        ]
+
+    def live(self, enclave_ids: Sequence[str] | None = None) -> list[db.EnclaveEntry]:
+        now = self.now_ms()
+        return db.live_enclaves(self.engine, now, now - self._window_ms, enclave_ids)
+
+    def _admitted_row(self, enclave_id: str) -> db.EnclaveRow:
+        row = db.get_enclave(self.engine, enclave_id)
+        if row is not None and row.status == db.STATUS_ADMITTED:
+            silent_ms = self.now_ms() - row.last_heartbeat_ms
+            if silent_ms <= self._window_ms:
+                return row
+            # Too late: it may have missed a key rotation; make it attest again from scratch.
+            with self._write_lock:
+                db.evict(self.engine, enclave_id, f"no heartbeat for {silent_ms // 1000}s")
+            log.info("evicted enclave=%s reason=late heartbeat", enclave_id)
+        raise BrokerError(grpc.StatusCode.FAILED_PRECONDITION, "not admitted; register again")
+
+    def _appraise(self, key: OfferedKey, nonce: bytes, now_ms: int) -> AttestationResult:
+        try:
+            return verify_key(key, self._rv, expected_nonce=nonce, now_ms=now_ms)
+        except AttestationError as exc:
+            log.info("refused enclave=%s epoch=%d reason=%s", key.enclave_id, key.epoch, exc)
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED, f"key epoch {key.epoch}: {exc}"
+            ) from None
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _invalid(message: str) -> BrokerError:
+    return BrokerError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_announcement(a: Announcement) -> None:
+    host, sep, port = a.address.rpartition(":")
+    if not sep or not host or not port.isdigit() or len(a.address) > MAX_TEXT:
+        raise _invalid(f"address {a.address[:MAX_TEXT]!r} is not host:port")
+    for name, value in (("region", a.region), ("tee_type", a.tee_type)):
+        if not value or len(value) > MAX_TEXT:
+            raise _invalid(f"{name} must be 1 to {MAX_TEXT} characters")
+    if not a.models or len(a.models) > MAX_MODELS:
+        raise _invalid(f"an enclave must serve 1 to {MAX_MODELS} models")
+    if any(not m or len(m) > MAX_TEXT or "\n" in m for m in a.models):
+        raise _invalid(f"model names must be 1 to {MAX_TEXT} characters on one line")
+    if not a.keys:
+        raise _invalid("register needs at least one key with its evidence")
+    _check_keys(a.keys, a.enclave_id)
+
+
+def _check_keys(keys: Sequence[OfferedKey], enclave_id: str) -> None:
+    if len(keys) > MAX_KEYS:
+        raise _invalid(f"at most {MAX_KEYS} keys per call")
+    if len({k.epoch for k in keys}) != len(keys):
+        raise _invalid("the same key epoch is offered twice")
+    for key in keys:
+        if len(key.evidence) > MAX_EVIDENCE_BYTES:
+            raise _invalid(f"key epoch {key.epoch}: evidence larger than {MAX_EVIDENCE_BYTES} bytes")
+        try:
+            suites.decode_public_key(key.kem, key.public_key)
+        except ValueError as exc:
+            raise _invalid(f"key epoch {key.epoch}: {exc}") from None
+
+
+def _check_matches(result: AttestationResult, region: str, tee_type: str, simulated: bool) -> None:
+    """The descriptor must say what the evidence says: the directory repeats only attested facts."""
+    for name, said, attested in (
+        ("region", region, result.region),
+        ("tee_type", tee_type, result.tee_type),
+        ("simulated", simulated, result.simulated),
+    ):
+        if said != attested:
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"descriptor says {name} {said!r} but the evidence of key epoch {result.epoch} "
+                f"says {attested!r}",
+            )
+
+
+def _key_records(
+    keys: Sequence[OfferedKey], results: Sequence[AttestationResult]
+) -> list[db.KeyRecord]:
+    return [
+        db.KeyRecord(
+            epoch=k.epoch, kem=k.kem, public_key=k.public_key, not_after_ms=k.not_after_ms,
+            evidence_format=k.evidence_format, evidence=k.evidence,
+            verified_at_ms=r.verified_at_ms, attested_until_ms=r.expires_at_ms,
+        )  # fmt: skip
+        for k, r in zip(keys, results, strict=True)
+    ]

@@ -1,0 +1,476 @@
+"""Detectors for sensitive values in free text (IDs, cards, phones, e-mail, IPs, IBANs, SSNs).
+
+The edge agent runs these before anything leaves the premises.  Each detector returns
+:class:`Finding` objects (entity type, character offsets, matched text); :func:`detect` runs a
+set of detectors and resolves overlaps.
+
+Design notes:
+
+* Patterns are ASCII-anchored: a value must not be glued to an ASCII letter or digit, but may
+  touch CJK text directly ("身份证号110101199003077774，电话13812345678").  ``\\b`` is not used
+  because CJK characters count as word characters.
+* Every built-in pattern is paired with a validator (check digits, calendar dates, issuer
+  ranges, ``ipaddress``) that removes most false positives.
+* Full-width digits, letters and ``＠．－＋`` are folded to ASCII before the built-in patterns
+  run (a one-to-one code point mapping, so offsets are unchanged); ``Finding.value`` is always the
+  original text.
+* All quantifiers are bounded and the look-behind that anchors a match sits after its first
+  character, which keeps a character-set prefix on the compiled pattern (fast skipping) and
+  makes the scan linear: a match attempt only starts at the beginning of a token.
+
+``Finding.value`` is the sensitive text itself: never log it (its ``repr`` omits it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+from sovra import _detector_validators as _v
+
+__all__ = [
+    "BUILTIN_TYPES",
+    "VALIDATORS",
+    "Detector",
+    "Finding",
+    "KeywordDetector",
+    "RegexDetector",
+    "UnknownEntityTypeError",
+    "Validator",
+    "builtin_detector",
+    "builtin_detectors",
+    "detect",
+]
+
+Validator = Callable[[str], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detected value: ``text[start:end] == value``.  ``value`` is sensitive: never log it."""
+
+    entity_type: str
+    start: int
+    end: int
+    value: str = field(repr=False)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Anything with an ``entity_type`` and a ``find`` method can take part in :func:`detect`."""
+
+    entity_type: str
+
+    def find(self, text: str) -> list[Finding]: ...
+
+
+class UnknownEntityTypeError(ValueError, KeyError):
+    """Unknown built-in entity type or validator name (catchable as ValueError or KeyError)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+BUILTIN_TYPES: tuple[str, ...] = (
+    "CN_RESIDENT_ID",
+    "BANK_CARD",
+    "CN_MOBILE",
+    "EMAIL",
+    "IPV4",
+    "IPV6",
+    "IBAN",
+    "US_SSN",
+)
+
+#: Named validators that custom detectors (e.g. from a policy file) may reference.
+VALIDATORS: Mapping[str, Validator] = MappingProxyType(
+    {
+        "cn_resident_id": _v.is_cn_resident_id,
+        "luhn": _v.luhn_ok,
+        "bank_card": _v.is_bank_card,
+        "iban_mod97": _v.is_iban,
+        "ipv4": _v.is_ipv4,
+        "ipv6": _v.is_ipv6,
+        "us_ssn": _v.is_us_ssn,
+        "cn_mobile": _v.is_cn_mobile,
+        "email": _v.is_email,
+    }
+)
+
+
+def _resolve_validator(validator: Validator | str | None) -> Validator | None:
+    if validator is None or callable(validator):
+        return validator
+    try:
+        return VALIDATORS[validator]
+    except KeyError:
+        known = ", ".join(sorted(VALIDATORS))
+        raise UnknownEntityTypeError(
+            f"unknown validator {validator!r}; known validators: {known}"
+        ) from None
+
+
+# --- full-width folding -------------------------------------------------------------------
+
+# Full-width digits, letters and ＠ ． － ＋ ＿ ％ plus the ideographic space map one-to-one onto
+# ASCII, so folding never moves offsets.  Full-width CJK punctuation (，：（）) is left alone.
+_FULLWIDTH_RUN = re.compile(
+    "[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\uff20\uff0e\uff0d\uff0b\uff3f\uff05\u3000]+"
+)
+_FOLD_TABLE = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+def _fold_run(match: re.Match[str]) -> str:
+    return match.group().translate(_FOLD_TABLE)
+
+
+def _fold_width(text: str) -> str:
+    if _FULLWIDTH_RUN.search(text) is None:
+        return text
+    return _FULLWIDTH_RUN.sub(_fold_run, text)
+
+
+# --- detectors ----------------------------------------------------------------------------
+
+
+class RegexDetector:
+    """Reports every non-empty match of ``pattern`` that ``validator`` (if any) accepts.
+
+    ``validator`` is a callable taking the matched text, or the name of one of
+    :data:`VALIDATORS` (``"luhn"``, ``"iban_mod97"``, ...).  Matches are non-overlapping,
+    scanning left to right; a rejected match does not make the scan retry inside it.
+    """
+
+    # Built-in detectors scan the full-width-folded text and may skip texts lacking a trigger.
+    _folds_width: bool = False
+    _trigger: str | None = None
+
+    def __init__(
+        self,
+        entity_type: str,
+        pattern: str,
+        validator: Validator | str | None = None,
+        flags: int = 0,
+    ) -> None:
+        if not entity_type:
+            raise ValueError("entity_type must be a non-empty string")
+        try:
+            self._regex = re.compile(pattern, flags)
+        except re.error as exc:
+            raise ValueError(f"invalid pattern for {entity_type}: {exc}") from exc
+        self.entity_type = entity_type
+        self._validator = _resolve_validator(validator)
+
+    @property
+    def pattern(self) -> str:
+        return self._regex.pattern
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.entity_type!r})"
+
+    def find(self, text: str) -> list[Finding]:
+        if self._folds_width:
+            return self._find(text, _fold_width(text))
+        return self._find(text, text)
+
+    def _accept(self, candidate: str) -> int:
+        """Length of the accepted prefix of a match, or 0 to reject it."""
+        if self._validator is None or self._validator(candidate):
+            return len(candidate)
+        return 0
+
+    def _find(self, text: str, scan: str) -> list[Finding]:
+        """Scan ``scan`` (``text`` or its folded twin, same length); report slices of ``text``."""
+        if self._trigger is not None and self._trigger not in scan:
+            return []
+        entity_type, accept = self.entity_type, self._accept
+        found: list[Finding] = []
+        for match in self._regex.finditer(scan):
+            start, end = match.span()
+            if start == end:
+                continue
+            length = accept(match.group())
+            if length:
+                found.append(Finding(entity_type, start, start + length, text[start : start + length]))
+        return found
+
+
+class _BuiltinDetector(RegexDetector):
+    _folds_width = True
+
+    def __init__(
+        self, entity_type: str, pattern: str, validator: Validator, trigger: str | None = None
+    ) -> None:
+        super().__init__(entity_type, pattern, validator)
+        self._trigger = trigger
+
+
+class _IbanDetector(_BuiltinDetector):
+    def _accept(self, candidate: str) -> int:
+        # A grouped IBAN may be followed by an unrelated 4-character group ("BE68 5390 0754 7034
+        # 2023"); retry at each earlier group boundary.
+        cut = len(candidate)
+        while cut >= _v.IBAN_MIN_LENGTH:
+            if _v.is_iban(candidate[:cut]):
+                return cut
+            cut = candidate.rfind(" ", 0, cut)
+        return 0
+
+
+class _Ipv6Detector(_BuiltinDetector):
+    def _accept(self, candidate: str) -> int:
+        if _v.is_ipv6(candidate):
+            return len(candidate)
+        # "fe80::1:" at the end of a clause: drop a single trailing colon.
+        if candidate.endswith(":") and not candidate.endswith("::"):
+            if _v.is_ipv6(candidate[:-1]):
+                return len(candidate) - 1
+        return 0
+
+
+class KeywordDetector:
+    """Finds literal keywords (names, project code names, ...), longest keyword first.
+
+    A keyword that starts (ends) with an ASCII letter or digit must not be preceded (followed)
+    by one, so ``"Ann"`` does not fire inside ``"Annual"``; CJK keywords match anywhere.
+    """
+
+    def __init__(
+        self, entity_type: str, keywords: Sequence[str], case_sensitive: bool = False
+    ) -> None:
+        if not entity_type:
+            raise ValueError("entity_type must be a non-empty string")
+        if isinstance(keywords, str):
+            raise TypeError("keywords must be a sequence of strings, not a single string")
+        words: list[str] = []
+        seen: set[str] = set()
+        for keyword in keywords:
+            if not isinstance(keyword, str) or not keyword:
+                raise ValueError("keywords must be non-empty strings")
+            if not case_sensitive and len(keyword.lower()) == len(keyword):
+                keyword = keyword.lower()
+            if keyword not in seen:
+                seen.add(keyword)
+                words.append(keyword)
+        self.entity_type = entity_type
+        self.case_sensitive = case_sensitive
+        flags = 0 if case_sensitive else re.IGNORECASE
+        self._regex = re.compile(_trie_pattern(words), flags) if words else None
+
+    def __repr__(self) -> str:
+        return f"KeywordDetector({self.entity_type!r})"
+
+    def find(self, text: str) -> list[Finding]:
+        if self._regex is None:
+            return []
+        entity_type = self.entity_type
+        return [
+            Finding(entity_type, m.start(), m.end(), m.group()) for m in self._regex.finditer(text)
+        ]
+
+
+_AN = "0-9A-Za-z"
+
+
+def _is_ascii_alnum(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+class _TrieNode:
+    __slots__ = ("children", "terminal")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _TrieNode] = {}
+        self.terminal = False
+
+
+def _trie_pattern(words: Sequence[str]) -> str:
+    """One alternation-free-at-each-level pattern for ``words`` (a regex trie)."""
+    root = _TrieNode()
+    for word in words:
+        node = root
+        for ch in word:
+            node = node.children.setdefault(ch, _TrieNode())
+        node.terminal = True
+    branches = []
+    for ch, child in sorted(root.children.items()):
+        head = re.escape(ch)
+        if _is_ascii_alnum(ch):  # look-behind after the first char keeps a charset prefix
+            head += f"(?<![{_AN}]{head})"
+        branches.append(head + _render_trie(child, ch))
+    return "(?:" + "|".join(branches) + ")"
+
+
+def _render_trie(node: _TrieNode, last: str) -> str:
+    chain = []
+    while not node.terminal and len(node.children) == 1:
+        ((last, node),) = node.children.items()
+        chain.append(re.escape(last))
+    branches = [re.escape(ch) + _render_trie(child, ch) for ch, child in sorted(node.children.items())]
+    if node.terminal:  # after the longer continuations, so the longest keyword wins
+        branches.append(f"(?![{_AN}])" if _is_ascii_alnum(last) else "")
+    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    return "".join(chain) + body
+
+
+# --- built-in patterns --------------------------------------------------------------------
+
+
+def _lead(cls: str) -> str:
+    """First character ``cls``, not preceded by an ASCII letter or digit.
+
+    The look-behind follows the first character instead of preceding it so that the compiled
+    pattern keeps a character-set prefix (the engine then skips non-candidates in C).
+    """
+    return f"{cls}(?<![{_AN}]{cls})"
+
+
+_NOT_AFTER = f"(?![{_AN}])"
+
+_ID_PATTERN = (
+    _lead("[1-8]")
+    + r"[0-9]{5}(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]"
+    + _NOT_AFTER
+)
+
+# 13-19 digits, or groups of four separated by one consistent space/hyphen, or Amex 4-6-5.
+# A grouped number must not continue a longer grouped digit run on either side.
+_CARD_PATTERN = (
+    _lead("[2-6]")
+    + "(?:"
+    + r"[0-9]{12,18}"
+    + _NOT_AFTER
+    + r"|(?<![0-9][ \-][2-6])[0-9]{3}(?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}(?P=s)"
+    + r"(?:[0-9]{4}(?:(?P=s)[0-9]{1,3})?|[0-9]{1,3})"
+    + _NOT_AFTER
+    + r"(?!(?P=s)[0-9])"
+    + r"|(?<![0-9][ \-]3)(?<=3)[47][0-9]{2}(?P<a>[ \-])[0-9]{6}(?P=a)[0-9]{5}"
+    + _NOT_AFTER
+    + r"(?!(?P=a)[0-9])"
+    + ")"
+)
+
+_MOBILE_PATTERN = (
+    "(?:"
+    + _lead(r"\+")
+    + r"86[ \-]?1|"
+    + _lead("0")
+    + r"086[ \-]?1|"
+    + _lead("8")
+    + r"6[ \-]?1|"
+    + _lead("1")
+    + r")[3-9][0-9](?P<s>[ \-]?)[0-9]{4}(?P=s)[0-9]{4}"
+    + _NOT_AFTER
+)
+
+_LOCAL_CHARS = r"A-Za-z0-9_%+\-"
+_EMAIL_PATTERN = (
+    f"[{_LOCAL_CHARS}](?<![{_LOCAL_CHARS}.][{_LOCAL_CHARS}])[{_LOCAL_CHARS}.]{{0,63}}+@"
+    # labels: letters/digits of any script (IDN) and hyphens; "_" is rejected by the validator
+    + r"(?:[\w\-]{1,63}\.){1,8}"
+    # TLD: ASCII letters (may touch CJK text), or non-ASCII letters only (IDN TLD like 中国)
+    + r"(?:[A-Za-z]{2,63}(?![A-Za-z0-9\-])|(?:(?![A-Za-z])[^\W\d_]){2,63}(?![\w\-]))"
+)
+
+
+def _is_email(value: str) -> bool:
+    return "_" not in value.rpartition("@")[2] and _v.is_email(value)
+
+
+_IPV4_PATTERN = (
+    _lead("[0-9]")
+    + r"(?<![0-9]\.[0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}"
+    + _NOT_AFTER
+    + r"(?!\.[0-9])"
+)
+
+# Candidate: starts with "::" or "h{1,4}:", hex digits and colons, optional dotted-quad tail.
+# ipaddress decides; times such as 12:30:45 and MAC addresses are rejected there.
+_IPV6_PATTERN = (
+    r"[0-9A-Fa-f:](?<![0-9A-Za-z:.][0-9A-Fa-f:])[0-9A-Fa-f]{0,3}:[0-9A-Fa-f:]{1,38}"
+    r"(?:(?<=:)[0-9]{1,3}(?:\.[0-9]{1,3}){3})?"
+    r"(?![0-9A-Za-z:])(?!\.[0-9])"
+)
+
+# Country code, check digits, then 11-30 alphanumerics, or groups of four separated by spaces.
+_IBAN_PATTERN = (
+    _lead("[A-Z]")
+    + r"[A-Z][0-9]{2}(?:[A-Z0-9]{11,30}"
+    + _NOT_AFTER
+    + r"|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?"
+    + _NOT_AFTER
+    + ")"
+)
+
+_SSN_PATTERN = (
+    _lead("[0-9]")
+    + r"(?<![0-9]-[0-9])[0-9]{2}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}"
+    + _NOT_AFTER
+    + r"(?!(?P=s)[0-9])"
+)
+
+_BUILTINS: dict[str, RegexDetector] = {
+    "CN_RESIDENT_ID": _BuiltinDetector("CN_RESIDENT_ID", _ID_PATTERN, _v.is_cn_resident_id),
+    "BANK_CARD": _BuiltinDetector("BANK_CARD", _CARD_PATTERN, _v.is_bank_card),
+    "CN_MOBILE": _BuiltinDetector("CN_MOBILE", _MOBILE_PATTERN, _v.is_cn_mobile),
+    "EMAIL": _BuiltinDetector("EMAIL", _EMAIL_PATTERN, _is_email, trigger="@"),
+    "IPV4": _BuiltinDetector("IPV4", _IPV4_PATTERN, _v.is_ipv4, trigger="."),
+    "IPV6": _Ipv6Detector("IPV6", _IPV6_PATTERN, _v.is_ipv6, trigger=":"),
+    "IBAN": _IbanDetector("IBAN", _IBAN_PATTERN, _v.is_iban),
+    "US_SSN": _BuiltinDetector("US_SSN", _SSN_PATTERN, _v.is_us_ssn),
+}
+
+
+def builtin_detector(entity_type: str) -> Detector:
+    """The built-in detector for ``entity_type`` (one of :data:`BUILTIN_TYPES`).
+
+    Raises :class:`UnknownEntityTypeError` (a ``ValueError`` and ``KeyError``) otherwise.
+    Detectors are stateless and shared.
+    """
+    try:
+        return _BUILTINS[entity_type]
+    except (KeyError, TypeError):
+        raise UnknownEntityTypeError(
+            f"unknown built-in entity type {entity_type!r}; "
+            f"built-in types are: {', '.join(BUILTIN_TYPES)}"
+        ) from None
+
+
+def builtin_detectors(types: Sequence[str] = BUILTIN_TYPES) -> tuple[Detector, ...]:
+    """Built-in detectors for ``types``, in the given order (default: all, ID before card)."""
+    return tuple(builtin_detector(t) for t in types)
+
+
+# --- running a set of detectors -----------------------------------------------------------
+
+
+def detect(text: str, detectors: Sequence[Detector]) -> list[Finding]:
+    """Run ``detectors`` over ``text`` and return non-overlapping findings sorted by start.
+
+    Overlaps are resolved greedily: the earliest start wins, then the longest span, then the
+    detector listed first (so list CN_RESIDENT_ID before BANK_CARD, as :data:`BUILTIN_TYPES`
+    does, and an 18-digit resident ID that is also Luhn-valid is reported as an ID).
+    """
+    if not text:
+        return []
+    folded: str | None = None
+    ranked: list[tuple[int, int, int, Finding]] = []
+    for rank, detector in enumerate(detectors):
+        if isinstance(detector, RegexDetector) and detector._folds_width:
+            if folded is None:
+                folded = _fold_width(text)
+            found = detector._find(text, folded)
+        else:
+            found = detector.find(text)
+        ranked.extend((f.start, f.start - f.end, rank, f) for f in found if f.end > f.start)
+    ranked.sort(key=lambda item: item[:3])
+    resolved: list[Finding] = []
+    covered_to = 0
+    for start, _, _, finding in ranked:
+        if start >= covered_to:
+            resolved.append(finding)
+            covered_to = finding.end
+    return resolved
