@@ -3,6 +3,10 @@
 Each check has one ``verify(claims)`` returning :class:`Success` or :class:`Failure` with a reason.
 An empty ``AllOf`` fails: a policy that checks nothing must never accept. ``UnsafeNoOp`` accepts
 everything and warns on every use; it exists for experiments, never for deployments.
+
+The combinators are generic over the claims type: the checks in this module judge simulated
+evidence (:class:`~attestation.sim.SimClaims`); :mod:`attestation.cca_appraisal` composes the
+same combinators over Arm CCA tokens.
 """
 
 from __future__ import annotations
@@ -10,9 +14,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from attestation.reference_values import ReferenceValues
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from attestation.errors import EvidenceMalformed
+from attestation.reference_values import ReferenceValues, is_revoked_certificate
 from attestation.sim import SimClaims, report_data
 
 log = logging.getLogger(__name__)
@@ -35,15 +44,19 @@ class Failure:
 Result = Success | Failure
 
 
-class Check(Protocol):
-    def verify(self, claims: SimClaims) -> Result: ...
+C = TypeVar("C")
+C_contra = TypeVar("C_contra", contravariant=True)
+
+
+class Check(Protocol[C_contra]):
+    def verify(self, claims: C_contra) -> Result: ...
 
 
 @dataclass(frozen=True)
-class AllOf:
-    checks: Sequence[Check]
+class AllOf(Generic[C]):
+    checks: Sequence[Check[C]]
 
-    def verify(self, claims: SimClaims) -> Result:
+    def verify(self, claims: C) -> Result:
         if not self.checks:
             return Failure("empty AllOf: no checks configured, refusing")
         for check in self.checks:
@@ -54,10 +67,10 @@ class AllOf:
 
 
 @dataclass(frozen=True)
-class AnyOf:
-    checks: Sequence[Check]
+class AnyOf(Generic[C]):
+    checks: Sequence[Check[C]]
 
-    def verify(self, claims: SimClaims) -> Result:
+    def verify(self, claims: C) -> Result:
         reasons = []
         for check in self.checks:
             result = check.verify(claims)
@@ -70,11 +83,16 @@ class AnyOf:
 class UnsafeNoOp:
     """Accepts any claims. Never use outside experiments."""
 
-    def verify(self, claims: SimClaims) -> Result:
+    def verify(self, claims: Any) -> Result:
         log.warning(
-            "UnsafeNoOp appraisal accepted evidence of %s without checks", claims.enclave_id
+            "UnsafeNoOp appraisal accepted evidence of %s without checks", _describe(claims)
         )
         return Success()
+
+
+def _describe(claims: object) -> str:
+    enclave_id = getattr(claims, "enclave_id", None)
+    return enclave_id if isinstance(enclave_id, str) else type(claims).__name__
 
 
 @dataclass(frozen=True)
@@ -141,12 +159,65 @@ class Fresh:
         return Success()
 
 
-def policy_for(rv: ReferenceValues) -> AllOf:
+@dataclass(frozen=True)
+class NotRevoked:
+    """The measurement is not on the reference values' revocation list (``revoked_measurements``).
+
+    Runs before :class:`MeasurementAccepted` so a measurement that is both accepted and revoked
+    is refused with the more telling reason.
+    """
+
+    revoked: frozenset[str]
+
+    def verify(self, claims: SimClaims) -> Result:
+        if claims.measurement.lower() in self.revoked:
+            return Failure(f"measurement {claims.measurement[:16]}... is revoked")
+        return Success()
+
+
+@dataclass(frozen=True)
+class DeviceCertsNotRevoked:
+    """No certificate the evidence carries is on ``revoked_device_certs`` (hex serial numbers
+    or SHA-256 fingerprints). Judges the certificate chain, not the claims, so it is applied by
+    :func:`attestation.verifier.verify_key` right after the chain and signature verify."""
+
+    revoked: frozenset[str]
+
+    def verify_certificates(self, chain: Sequence[x509.Certificate]) -> Result:
+        for cert in chain:
+            why = is_revoked_certificate(
+                self.revoked, cert.serial_number, cert.fingerprint(hashes.SHA256())
+            )
+            if why:
+                return Failure(
+                    f"device certificate {cert.subject.rfc4514_string()} is revoked by the "
+                    f"reference values ({why})"
+                )
+        return Success()
+
+
+def sim_device_chain(evidence: bytes) -> list[x509.Certificate]:
+    """The certificates carried by ``sovra-sim-tee/1`` evidence, device certificate first.
+
+    Only parses; call it on evidence that :func:`attestation.sim.verify_evidence` accepted.
+    """
+    try:
+        obj = cbor2.loads(evidence)
+        ders = obj[3]
+        return [x509.load_der_x509_certificate(d) for d in ders]
+    except (cbor2.CBORDecodeError, ValueError, TypeError, IndexError, KeyError):
+        raise EvidenceMalformed(
+            "sim evidence does not carry a parsable certificate chain"
+        ) from None
+
+
+def policy_for(rv: ReferenceValues) -> AllOf[SimClaims]:
     """The appraisal of claims against reference values (binding and freshness added by caller)."""
     return AllOf(
         [
             SimulationAllowed(rv.allow_simulation),
             TeeTypeAccepted(rv.tee_types),
+            NotRevoked(rv.revoked_measurements),
             MeasurementAccepted(rv.measurements),
         ]
     )

@@ -12,6 +12,7 @@ from attestation.errors import (
     EvidenceMalformed,
     EvidenceStale,
     KeyBindingMismatch,
+    UntrustedChain,
 )
 from attestation.reference_values import ReferenceValues
 
@@ -72,6 +73,13 @@ def verify_key(
     if offered.evidence_format != sim.SIM_FORMAT:
         raise EvidenceMalformed(f"evidence format {offered.evidence_format!r} is not supported")
     claims = sim.verify_evidence(offered.evidence, rv.sim_vendor_roots)
+    if rv.revoked_device_certs:
+        chain = appraisal.sim_device_chain(offered.evidence)
+        revoked = appraisal.DeviceCertsNotRevoked(rv.revoked_device_certs).verify_certificates(
+            chain
+        )
+        if isinstance(revoked, appraisal.Failure):
+            raise UntrustedChain(revoked.reason)
     if claims.enclave_id != offered.enclave_id:
         raise KeyBindingMismatch("evidence names another enclave than the directory entry")
     if expected_nonce is not None and claims.nonce != expected_nonce:

@@ -112,9 +112,12 @@ def _error(source: str, key: str, message: str) -> ConfigError:
 
 
 def _check_keys(
-    table: Any, required: frozenset[str], allowed: frozenset[str] | set[str], prefix: str,
+    table: Any,
+    required: frozenset[str],
+    allowed: frozenset[str] | set[str],
+    prefix: str,
     source: str,
-) -> None:  # fmt: skip
+) -> None:
     where = prefix.rstrip(".") or "top level"
     if not isinstance(table, Mapping):
         raise _error(source, where, "must be a table")
@@ -154,7 +157,12 @@ def _database(value: Any, base: Path, source: str) -> str:
     except ArgumentError:
         raise _error(source, "database", f"{text!r} is not a SQLAlchemy database URL") from None
     db = url.database
-    if url.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).is_absolute():
+    if (
+        url.get_backend_name() == "sqlite"
+        and db
+        and db != ":memory:"
+        and not Path(db).is_absolute()
+    ):
         # Like every other relative path in this file: relative to the config, not the cwd.
         return url.set(database=str(base / db)).render_as_string(hide_password=False)
     return text
@@ -207,7 +215,9 @@ def _tenant(name: str, table: Any, source: str) -> TenantPolicy:
     regions = _string_list(table.get("regions", []), prefix + "regions", source)
     return TenantPolicy(
         name=name,
-        allowed_edge_keys=frozenset(_edge_key(k, prefix + "allowed_edge_keys", source) for k in keys),
+        allowed_edge_keys=frozenset(
+            _edge_key(k, prefix + "allowed_edge_keys", source) for k in keys
+        ),
         regions=tuple(regions),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Engine, LargeBinary, String, UniqueConstraint, event
@@ -120,12 +121,21 @@ def open_database(url: str) -> Engine:
     """Connect, create missing tables, and (SQLite) switch to WAL so readers never block."""
     kwargs: dict[str, Any] = {"hide_parameters": True}  # SQL errors must not echo bound values
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
+    sqlite = parsed.get_backend_name() == "sqlite"
+    in_memory = parsed.database in (None, "", ":memory:")
+    if sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
-        if parsed.database in (None, "", ":memory:"):
-            kwargs["poolclass"] = StaticPool  # one shared connection, or each thread sees its own DB
+    if sqlite and not in_memory:
+        # SQLite creates the file but not its directory; keep that directory private.
+        Path(str(parsed.database)).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sqlite and in_memory:
+        # One shared connection, or each thread would see its own empty database.
+        kwargs["poolclass"] = StaticPool
+    else:
+        # Every RPC worker and the eviction sweep may hold a connection at once.
+        kwargs.update(pool_size=8, max_overflow=16)
     engine = create_engine(url, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
+    if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     SQLModel.metadata.create_all(engine)
     return engine
@@ -143,9 +153,13 @@ def admit_enclave(engine: Engine, record: EnclaveRecord, keys: Sequence[KeyRecor
     """Insert or replace an enclave and replace all its keys (a registration is a fresh start)."""
     with Session(engine) as session:
         row = session.get(EnclaveRow, record.enclave_id) or EnclaveRow(
-            enclave_id=record.enclave_id, address="", region="", tee_type="", simulated=False,
+            enclave_id=record.enclave_id,
+            address="",
+            region="",
+            tee_type="",
+            simulated=False,
             status=STATUS_ADMITTED,
-        )  # fmt: skip
+        )
         row.address = record.address
         row.region = record.region
         row.tee_type = record.tee_type
@@ -181,7 +195,8 @@ def record_heartbeat(
         session.exec(
             delete(EnclaveKeyRow).where(
                 col(EnclaveKeyRow.enclave_id) == enclave_id,
-                col(EnclaveKeyRow.epoch).in_(epochs) | (col(EnclaveKeyRow.attested_until_ms) <= now_ms),
+                col(EnclaveKeyRow.epoch).in_(epochs)
+                | (col(EnclaveKeyRow.attested_until_ms) <= now_ms),
             )
         )
         session.add_all(_key_rows(enclave_id, keys))
@@ -195,10 +210,16 @@ def record_heartbeat(
 def _key_rows(enclave_id: str, keys: Iterable[KeyRecord]) -> list[EnclaveKeyRow]:
     return [
         EnclaveKeyRow(
-            enclave_id=enclave_id, epoch=k.epoch, kem=k.kem, public_key=k.public_key,
-            not_after_ms=k.not_after_ms, evidence_format=k.evidence_format, evidence=k.evidence,
-            verified_at_ms=k.verified_at_ms, attested_until_ms=k.attested_until_ms,
-        )  # fmt: skip
+            enclave_id=enclave_id,
+            epoch=k.epoch,
+            kem=k.kem,
+            public_key=k.public_key,
+            not_after_ms=k.not_after_ms,
+            evidence_format=k.evidence_format,
+            evidence=k.evidence,
+            verified_at_ms=k.verified_at_ms,
+            attested_until_ms=k.attested_until_ms,
+        )
         for k in keys
     ]
 
@@ -267,7 +288,7 @@ def live_enclaves(
                 col(EnclaveKeyRow.enclave_id).in_(list(rows)),
                 col(EnclaveKeyRow.attested_until_ms) > now_ms,
             )
-            .order_by(EnclaveKeyRow.enclave_id, EnclaveKeyRow.epoch)
+            .order_by(col(EnclaveKeyRow.enclave_id), col(EnclaveKeyRow.epoch))
         )
         keys: dict[str, list[EnclaveKeyRow]] = {}
         for key in session.exec(key_stmt).all():

@@ -126,6 +126,13 @@ class Registry:
         return self._challenges.issue(enclave_id)
 
     def register(self, caller: str, announcement: Announcement, nonce: bytes) -> None:
+        try:
+            self._admit(caller, announcement, nonce)
+        except BrokerError as exc:
+            log.info("refused enclave=%s status=%s reason=%s", caller, exc.code.name, exc.message)
+            raise
+
+    def _admit(self, caller: str, announcement: Announcement, nonce: bytes) -> None:
         if announcement.enclave_id != caller:
             raise BrokerError(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -134,27 +141,23 @@ class Registry:
             )
         _check_announcement(announcement)
         self._challenges.redeem(caller, nonce)
-        now = self.now_ms()
-        results = [self._appraise(key, nonce, now) for key in announcement.keys]
-        for result in results:
-            _check_matches(result, announcement.region, announcement.tee_type,
-                           announcement.simulated)  # fmt: skip
+        a = announcement
+        results = self._appraise_all(a.keys, nonce, a.region, a.tee_type, a.simulated)
         if len({r.measurement for r in results}) != 1:
             raise BrokerError(
                 grpc.StatusCode.PERMISSION_DENIED, "keys carry evidence of different measurements"
             )
         record = db.EnclaveRecord(
-            enclave_id=caller, address=announcement.address, region=announcement.region,
-            tee_type=announcement.tee_type, simulated=announcement.simulated,
-            models=announcement.models, measurement=results[0].measurement,
-            attestation_status=results[0].status, now_ms=now,
+            enclave_id=caller, address=a.address, region=a.region, tee_type=a.tee_type,
+            simulated=a.simulated, models=a.models, measurement=results[0].measurement,
+            attestation_status=results[0].status, now_ms=results[0].verified_at_ms,
         )  # fmt: skip
         with self._write_lock:
-            db.admit_enclave(self.engine, record, _key_records(announcement.keys, results))
+            db.admit_enclave(self.engine, record, _key_records(a.keys, results))
         log.info(
             "admitted enclave=%s region=%s tee=%s simulated=%s epochs=%s models=%s address=%s",
-            caller, record.region, record.tee_type, record.simulated,
-            [k.epoch for k in announcement.keys], list(record.models), record.address,
+            caller, a.region, a.tee_type, a.simulated, [k.epoch for k in a.keys], list(a.models),
+            a.address,
         )  # fmt: skip
 
     def heartbeat(
@@ -171,10 +174,7 @@ class Registry:
         if keys:
             _check_keys(keys, caller)
             self._challenges.redeem(caller, nonce)
-            now = self.now_ms()
-            results = [self._appraise(key, nonce, now) for key in keys]
-            for result in results:
-                _check_matches(result, row.region, row.tee_type, row.simulated)
+            results = self._appraise_all(keys, nonce, row.region, row.tee_type, row.simulated)
             records = _key_records(keys, results)
         with self._write_lock:
             db.record_heartbeat(self.engine, caller, self.now_ms(), records)
@@ -198,7 +198,8 @@ class Registry:
         return [
             e
             for e in self.live()
-            if tenant.allows_region(e.enclave.region) and (not model or model in e.enclave.model_list)
+            if tenant.allows_region(e.enclave.region)
+            and (not model or model in e.enclave.model_list)
         ]
 
     def live(self, enclave_ids: Sequence[str] | None = None) -> list[db.EnclaveEntry]:
@@ -217,11 +218,21 @@ class Registry:
             log.info("evicted enclave=%s reason=late heartbeat", enclave_id)
         raise BrokerError(grpc.StatusCode.FAILED_PRECONDITION, "not admitted; register again")
 
+    def _appraise_all(
+        self, keys: Sequence[OfferedKey], nonce: bytes, region: str, tee_type: str,
+        simulated: bool,
+    ) -> list[AttestationResult]:  # fmt: skip
+        """Verify every key against the challenge; each must attest what the enclave claims."""
+        now = self.now_ms()
+        results = [self._appraise(key, nonce, now) for key in keys]
+        for result in results:
+            _check_matches(result, region, tee_type, simulated)
+        return results
+
     def _appraise(self, key: OfferedKey, nonce: bytes, now_ms: int) -> AttestationResult:
         try:
             return verify_key(key, self._rv, expected_nonce=nonce, now_ms=now_ms)
         except AttestationError as exc:
-            log.info("refused enclave=%s epoch=%d reason=%s", key.enclave_id, key.epoch, exc)
             raise BrokerError(
                 grpc.StatusCode.PERMISSION_DENIED, f"key epoch {key.epoch}: {exc}"
             ) from None
@@ -258,7 +269,9 @@ def _check_keys(keys: Sequence[OfferedKey], enclave_id: str) -> None:
         raise _invalid("the same key epoch is offered twice")
     for key in keys:
         if len(key.evidence) > MAX_EVIDENCE_BYTES:
-            raise _invalid(f"key epoch {key.epoch}: evidence larger than {MAX_EVIDENCE_BYTES} bytes")
+            raise _invalid(
+                f"key epoch {key.epoch}: evidence larger than {MAX_EVIDENCE_BYTES} bytes"
+            )
         try:
             suites.decode_public_key(key.kem, key.public_key)
         except ValueError as exc:
@@ -285,9 +298,42 @@ def _key_records(
 ) -> list[db.KeyRecord]:
     return [
         db.KeyRecord(
-            epoch=k.epoch, kem=k.kem, public_key=k.public_key, not_after_ms=k.not_after_ms,
-            evidence_format=k.evidence_format, evidence=k.evidence,
-            verified_at_ms=r.verified_at_ms, attested_until_ms=r.expires_at_ms,
-        )  # fmt: skip
+            epoch=k.epoch,
+            kem=k.kem,
+            public_key=k.public_key,
+            not_after_ms=k.not_after_ms,
+            evidence_format=k.evidence_format,
+            evidence=k.evidence,
+            verified_at_ms=r.verified_at_ms,
+            attested_until_ms=r.expires_at_ms,
+        )
         for k, r in zip(keys, results, strict=True)
     ]
+
+
+class EvictionLoop:
+    """Runs :meth:`Registry.evict_stale` every ``interval_s`` in a daemon thread.
+
+    Reads already ignore silent enclaves; the loop makes the eviction durable and logged.
+    """
+
+    def __init__(self, registry: Registry, *, interval_s: float) -> None:
+        self._registry = registry
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-eviction", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._registry.evict_stale()
+            except Exception as exc:  # keep sweeping; the next round may succeed
+                log.error("eviction sweep failed: %s", type(exc).__name__)

@@ -150,9 +150,7 @@ class _Reader:
             raise self.fail(key, "must be a non-empty string")
         return value
 
-    def integer(
-        self, table: dict[str, Any], key: str, default: int, low: int, high: int
-    ) -> int:
+    def integer(self, table: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
         value = table.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise self.fail(key, f"must be an integer from {low} to {high}")

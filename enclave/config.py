@@ -184,7 +184,7 @@ def _build(cls: type[Any], table: Any, *, prefix: str, base: Path) -> Any:
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r}; allowed here: {', '.join(sorted(fields))}"
+            f"unknown key '{prefix}{unknown[0]}'; allowed here: {', '.join(sorted(fields))}"
         )
     values: dict[str, Any] = {}
     for name, f in fields.items():
@@ -199,7 +199,7 @@ def _build(cls: type[Any], table: Any, *, prefix: str, base: Path) -> Any:
 
 
 def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{key}.", base=base)
     if hint is str:
         return _expect(value, str, key, "a string")

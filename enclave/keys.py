@@ -58,9 +58,7 @@ class KeyRing:
         pair = KeyPair.generate(self._kem)
         with self._lock:
             self._last_epoch += 1
-            key = EpochKey(
-                self._last_epoch, now, now + self._rotate_ms + self._overlap_ms, pair
-            )
+            key = EpochKey(self._last_epoch, now, now + self._rotate_ms + self._overlap_ms, pair)
             self._keys[key.epoch] = key
             self._prune(now)
         return key

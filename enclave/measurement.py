@@ -44,7 +44,11 @@ def workload_identity(workload: WorkloadSection) -> bytes:
         digest = file_sha384(resolve_model_path(workload.model_path))
         parts = [b"llama", digest.encode()]
     else:
-        parts = [b"openai-upstream", workload.upstream_url.encode(), workload.upstream_model.encode()]
+        parts = [
+            b"openai-upstream",
+            workload.upstream_url.encode(),
+            workload.upstream_model.encode(),
+        ]
     parts += [m.encode() for m in workload.models]
     return b"".join(_framed(p) for p in parts)
 

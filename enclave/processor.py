@@ -34,7 +34,7 @@ from sovra.envelope import (
     ReplyKeys,
     ReplyWriter,
 )
-from sovra.suites import UnknownSuite
+from sovra.suites import UnknownSuite, suite_by_name
 
 log = sim_log(__name__)
 
@@ -122,6 +122,11 @@ class RequestProcessor:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"key epoch {recipient.epoch} is not held (expired or rotated away); "
                 "refresh the directory",
+            )
+        if suite_by_name(header.suite).kem != key.kem:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"suite {header.suite} does not fit key epoch {key.epoch} ({key.kem})",
             )
         self._check_fresh(header)
         self._admit_once(header)

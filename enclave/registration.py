@@ -52,18 +52,18 @@ class Registrar:
         self._models = models
         self._address = address
         self._on_registered = on_registered
-        self._wake = threading.Event()
         self._stopped = False
         self._keys_changed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # guards the two flags; notified when either is set
         self._thread = threading.Thread(target=self._run, name="sim-enclave-registrar", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=RPC_TIMEOUT_S + 1)
         self._channel.close()
@@ -72,11 +72,17 @@ class Registrar:
         """Called by the key rotator: announce the new key list now."""
         with self._lock:
             self._keys_changed = True
-        self._wake.set()
+            self._lock.notify_all()
 
-    def _sleep(self, seconds: float) -> None:
-        self._wake.wait(seconds)
-        self._wake.clear()
+    def _sleep(self, seconds: float, *, wake_for_keys: bool) -> None:
+        """Wait ``seconds``; stop ends it early, and so do new keys if ``wake_for_keys``.
+
+        Backoff waits ignore new keys: the next attempt announces them anyway.
+        """
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._stopped or (wake_for_keys and self._keys_changed), timeout=seconds
+            )
 
     def _run(self) -> None:
         backoff = BACKOFF_START_S
@@ -89,18 +95,23 @@ class Registrar:
                 else:
                     interval = self._heartbeat() or interval
                 backoff = BACKOFF_START_S
-                self._sleep(interval)
+                self._sleep(interval, wake_for_keys=True)
             except _NotRegistered:
-                log.warning("broker does not know enclave %s any more; re-registering",
-                            self._tee.enclave_id)  # fmt: skip
+                log.warning(
+                    "broker does not know enclave %s any more; re-registering", self._tee.enclave_id
+                )
                 interval = None
             except grpc.RpcError as exc:
-                self._sleep(self._after_error(exc, backoff, registered=interval is not None))
+                delay = self._after_error(exc, backoff, registered=interval is not None)
+                self._sleep(delay, wake_for_keys=False)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
             except Exception as exc:  # keep the thread alive; the next attempt may succeed
-                log.error("registration loop failed (%s); retry in %.0fs",
-                          type(exc).__name__, REFUSED_RETRY_S)  # fmt: skip
-                self._sleep(REFUSED_RETRY_S)
+                log.error(
+                    "registration loop failed (%s); retry in %.0fs",
+                    type(exc).__name__,
+                    REFUSED_RETRY_S,
+                )
+                self._sleep(REFUSED_RETRY_S, wake_for_keys=False)
 
     def _after_error(self, exc: grpc.RpcError, backoff: float, *, registered: bool) -> float:
         """Log a failed call; return how long to wait before the next attempt."""
@@ -109,8 +120,9 @@ class Registrar:
         if code in _UNREACHABLE:
             log.info("broker unreachable (%s); %s retry in %.1fs", code.name, what, backoff)
             return backoff
-        log.warning("broker refused %s (%s: %s); retry in %.0fs", what, code.name, details,
-                    REFUSED_RETRY_S)  # fmt: skip
+        log.warning(
+            "broker refused %s (%s: %s); retry in %.0fs", what, code.name, details, REFUSED_RETRY_S
+        )
         return REFUSED_RETRY_S
 
     def _register(self) -> int:
@@ -125,12 +137,14 @@ class Registrar:
             models=list(self._models),
             keys=self._key_messages(nonce),
         )
-        request = broker_pb2.RegisterRequest(
-            enclave=descriptor, address=self._address, nonce=nonce
-        )
+        request = broker_pb2.RegisterRequest(enclave=descriptor, address=self._address, nonce=nonce)
         response = self._stub.Register(request, timeout=RPC_TIMEOUT_S)
-        log.info("registered enclave %s at %s with the broker (status %r)",
-                 self._tee.enclave_id, self._address, response.status)  # fmt: skip
+        log.info(
+            "registered enclave %s at %s with the broker (status %r)",
+            self._tee.enclave_id,
+            self._address,
+            response.status,
+        )
         return response.heartbeat_interval_s or _DEFAULT_INTERVAL_S
 
     def _heartbeat(self) -> int:
@@ -151,8 +165,7 @@ class Registrar:
                 raise _NotRegistered from None
             raise
         if announce:
-            log.info("announced key epochs %s to the broker",
-                     [k.epoch for k in request.keys])  # fmt: skip
+            log.info("announced key epochs %s to the broker", [k.epoch for k in request.keys])
         return response.heartbeat_interval_s
 
     def _challenge(self) -> bytes:

@@ -1,4 +1,5 @@
-"""SIMULATED TEE backend: software evidence signed by a simulated device key. NO HARDWARE PROTECTION.
+"""SIMULATED TEE backend: software evidence signed by a simulated device key. NO HARDWARE
+PROTECTION.
 
 The device key and certificate come from the simulated vendor root (``attestation.sim_vendor``);
 evidence says ``simulated: true`` and verifiers accept it only where reference values allow
@@ -25,12 +26,12 @@ from enclave.keys import EpochKey
 TEE_LABEL: Final = "SIMULATED TEE (sim)"
 
 
-class _SimLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _SimLogAdapter(logging.LoggerAdapter):
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         return f"[sim] {msg}", kwargs
 
 
-def sim_log(name: str) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+def sim_log(name: str) -> logging.LoggerAdapter:
     """A logger whose every line is marked as coming from the simulated TEE."""
     return _SimLogAdapter(logging.getLogger(name), {})
 
@@ -95,9 +96,7 @@ def _load_device_key(path: Path) -> ec.EllipticCurvePrivateKey:
     except OSError as exc:
         raise ConfigError(f"tee.device_key {path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, TypeError):
-        raise ConfigError(
-            f"tee.device_key {path}: not an unencrypted PEM private key"
-        ) from None
+        raise ConfigError(f"tee.device_key {path}: not an unencrypted PEM private key") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"tee.device_key {path}: must be an EC key")
     return key

@@ -171,8 +171,7 @@ class AuditLog:
     def tail(self, n: int = 20) -> list[AuditEntry]:
         """The last ``n`` entries, oldest first."""
         rows = self._rows(
-            "SELECT seq, ts_ms, kind, record, prev_hash, hash FROM audit "
-            "ORDER BY seq DESC LIMIT ?",
+            "SELECT seq, ts_ms, kind, record, prev_hash, hash FROM audit ORDER BY seq DESC LIMIT ?",
             (max(n, 0),),
         )
         return [_entry(r) for r in reversed(rows)]

@@ -20,7 +20,9 @@ _COMMAND_GROUPS = {
 
 
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sovra", description=__doc__.split(".")[0])
+    parser = argparse.ArgumentParser(
+        prog="sovra", description="Sovra: confidential hybrid-cloud AI (edge, broker, enclave)"
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 

@@ -117,9 +117,11 @@ def _resolve_validator(validator: Validator | str | None) -> Validator | None:
 
 # Full-width digits, letters and ＠ ． － ＋ ＿ ％ plus the ideographic space map one-to-one onto
 # ASCII, so folding never moves offsets.  Full-width CJK punctuation (，：（）) is left alone.
-_FULLWIDTH_RUN = re.compile(
-    "[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\uff20\uff0e\uff0d\uff0b\uff3f\uff05\u3000]+"
+_FULLWIDTH_CLASS = (
+    "[\uff10-\uff19\uff21-\uff3a\uff41-\uff5a\uff20\uff0e\uff0d\uff0b\uff3f\uff05\u3000]"
 )
+# "[c][c]*" rather than "[c]+": a leading character class lets the engine skip ahead in C.
+_FULLWIDTH_RUN = re.compile(_FULLWIDTH_CLASS + _FULLWIDTH_CLASS + "*")
 _FOLD_TABLE = {cp: cp - 0xFEE0 for cp in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
 
 
@@ -144,9 +146,8 @@ class RegexDetector:
     scanning left to right; a rejected match does not make the scan retry inside it.
     """
 
-    # Built-in detectors scan the full-width-folded text and may skip texts lacking a trigger.
+    # Built-in detectors scan the full-width-folded text.
     _folds_width: bool = False
-    _trigger: str | None = None
 
     def __init__(
         self,
@@ -184,8 +185,6 @@ class RegexDetector:
 
     def _find(self, text: str, scan: str) -> list[Finding]:
         """Scan ``scan`` (``text`` or its folded twin, same length); report slices of ``text``."""
-        if self._trigger is not None and self._trigger not in scan:
-            return []
         entity_type, accept = self.entity_type, self._accept
         found: list[Finding] = []
         for match in self._regex.finditer(scan):
@@ -199,16 +198,28 @@ class RegexDetector:
 
 
 class _BuiltinDetector(RegexDetector):
+    """Built-in detectors scan full-width-folded text (see :func:`_fold_width`)."""
+
     _folds_width = True
 
-    def __init__(
-        self, entity_type: str, pattern: str, validator: Validator, trigger: str | None = None
-    ) -> None:
+    def __init__(self, entity_type: str, pattern: str, validator: Validator) -> None:
         super().__init__(entity_type, pattern, validator)
-        self._trigger = trigger
 
 
-class _IbanDetector(_BuiltinDetector):
+class _TokenDetector(_BuiltinDetector):
+    """A pattern that starts a token: ``first`` is a character class that must not follow an
+    ASCII letter or digit, ``rest`` the remainder.  Several of these can share one scan
+    (:class:`_TokenGate`) because the boundary rule is the same for all of them.
+    """
+
+    def __init__(self, entity_type: str, first: str, rest: str, validator: Validator) -> None:
+        super().__init__(entity_type, _lead(first) + rest, validator)
+        self._first = first
+        self._rest = rest
+        self._first_chars = frozenset(c for c in map(chr, range(128)) if re.fullmatch(first, c))
+
+
+class _IbanDetector(_TokenDetector):
     def _accept(self, candidate: str) -> int:
         # A grouped IBAN may be followed by an unrelated 4-character group ("BE68 5390 0754 7034
         # 2023"); retry at each earlier group boundary.
@@ -221,6 +232,33 @@ class _IbanDetector(_BuiltinDetector):
 
 
 class _Ipv6Detector(_BuiltinDetector):
+    """Anchored on "::" or a run of six colon-separated groups, which times ("12:30:45"),
+    ratios and prose never contain; the address start is then found by scanning back."""
+
+    _GATE = re.compile(r":(?::|(?:[0-9A-Fa-f]{1,4}:){5})")
+    _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
+
+    def _find(self, text: str, scan: str) -> list[Finding]:
+        found: list[Finding] = []
+        search, match_at, run_chars = self._GATE.search, self._regex.match, self._HEX_COLON
+        resume = 0
+        hit = search(scan)
+        while hit is not None:
+            start = anchor = hit.start()
+            floor = max(anchor - 45, resume)
+            while start > floor and scan[start - 1] in run_chars:
+                start -= 1
+            match = match_at(scan, start)
+            if match is None:
+                hit = search(scan, anchor + 1)
+                continue
+            length = self._accept(match.group())
+            if length:
+                found.append(Finding(self.entity_type, start, start + length, text[start : start + length]))
+            resume = match.end()
+            hit = search(scan, max(resume, anchor + 1))
+        return found
+
     def _accept(self, candidate: str) -> int:
         if _v.is_ipv6(candidate):
             return len(candidate)
@@ -229,6 +267,96 @@ class _Ipv6Detector(_BuiltinDetector):
             if _v.is_ipv6(candidate[:-1]):
                 return len(candidate) - 1
         return 0
+
+
+class _EmailDetector(_BuiltinDetector):
+    """Anchored on "@": the pattern matches "@domain", the local part is read backwards."""
+
+    _LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-")
+
+    def _find(self, text: str, scan: str) -> list[Finding]:
+        if "@" not in scan:
+            return []
+        found: list[Finding] = []
+        local_chars, previous_end = self._LOCAL, 0
+        for match in self._regex.finditer(scan):
+            at, end = match.span()
+            start, floor = at, max(at - 64, previous_end)
+            while start > floor and scan[start - 1] in local_chars:
+                start -= 1
+            if start == at or (start > previous_end and scan[start - 1] in local_chars):
+                continue  # no local part, or one longer than 64 characters
+            if self._accept(scan[start:end]):
+                found.append(Finding(self.entity_type, start, end, text[start:end]))
+                previous_end = end
+        return found
+
+
+class _TokenGate:
+    """One scan for several token detectors instead of one scan each.
+
+    The gate pattern is ``[all first chars](boundary)(?:(?P<_0>rest_0)|(?P<_1>rest_1)|...)``: it
+    matches exactly at the positions where at least one member pattern matches.  At each such
+    position the members are matched individually (members listed before the branch that
+    matched cannot match there), and each member resumes after its own previous match, so the
+    result per member is identical to running that member's ``finditer`` alone.
+    """
+
+    def __init__(self, members: tuple[_TokenDetector, ...]) -> None:
+        union = "[" + "".join(m._first[1:-1] for m in members) + "]"
+        branches = []
+        for i, member in enumerate(members):
+            rest = member._rest.replace("(?P<", f"(?P<_{i}_").replace("(?P=", f"(?P=_{i}_")
+            branches.append(f"(?P<_{i}>(?<={member._first}){rest})")
+        self._gate = re.compile(_lead(union) + "(?:" + "|".join(branches) + ")")
+        self._branch_of_group = {self._gate.groupindex[f"_{i}"]: i for i in range(len(members))}
+        self._members = members
+
+    def scan(self, text: str, scan: str) -> list[list[Finding]]:
+        members = self._members
+        n = len(members)
+        found: list[list[Finding]] = [[] for _ in members]
+        resume = [0] * n
+        matchers = [m._regex.match for m in members]
+        firsts = [m._first_chars for m in members]
+        branch_of_group, search = self._branch_of_group, self._gate.search
+        hit = search(scan)
+        while hit is not None:
+            pos = hit.start()
+            first = branch_of_group[hit.lastindex or 0]
+            for i in range(first, n):
+                if pos < resume[i]:
+                    continue
+                if i == first:
+                    end = hit.end()
+                else:
+                    if scan[pos] not in firsts[i]:
+                        continue
+                    match = matchers[i](scan, pos)
+                    if match is None:
+                        continue
+                    end = match.end()
+                resume[i] = end
+                member = members[i]
+                length = member._accept(scan[pos:end])
+                if length:
+                    found[i].append(
+                        Finding(member.entity_type, pos, pos + length, text[pos : pos + length])
+                    )
+            hit = search(scan, pos + 1)
+        return found
+
+
+_GATES: dict[tuple[_TokenDetector, ...], _TokenGate] = {}
+
+
+def _gate_for(members: tuple[_TokenDetector, ...]) -> _TokenGate:
+    gate = _GATES.get(members)
+    if gate is None:
+        if len(_GATES) >= 64:
+            _GATES.clear()
+        gate = _GATES[members] = _TokenGate(members)
+    return gate
 
 
 class KeywordDetector:
@@ -330,18 +458,19 @@ def _lead(cls: str) -> str:
 
 _NOT_AFTER = f"(?![{_AN}])"
 
-_ID_PATTERN = (
-    _lead("[1-8]")
-    + r"[0-9]{5}(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]"
+# Token patterns are (first character class, rest); _TokenDetector adds the boundary rule.
+_ID_FIRST = "[1-8]"
+_ID_REST = (
+    r"[0-9]{5}(?:19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]"
     + _NOT_AFTER
 )
 
 # 13-19 digits, or groups of four separated by one consistent space/hyphen, or Amex 4-6-5.
 # A grouped number must not continue a longer grouped digit run on either side.
-_CARD_PATTERN = (
-    _lead("[2-6]")
-    + "(?:"
-    + r"[0-9]{12,18}"
+_CARD_FIRST = "[2-6]"
+_CARD_REST = (
+    "(?:"
+    + r"[0-9]{12,18}+"
     + _NOT_AFTER
     + r"|(?<![0-9][ \-][2-6])[0-9]{3}(?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}(?P=s)"
     + r"(?:[0-9]{4}(?:(?P=s)[0-9]{1,3})?|[0-9]{1,3})"
@@ -353,24 +482,18 @@ _CARD_PATTERN = (
     + ")"
 )
 
-_MOBILE_PATTERN = (
-    "(?:"
-    + _lead(r"\+")
-    + r"86[ \-]?1|"
-    + _lead("0")
-    + r"086[ \-]?1|"
-    + _lead("8")
-    + r"6[ \-]?1|"
-    + _lead("1")
-    + r")[3-9][0-9](?P<s>[ \-]?)[0-9]{4}(?P=s)[0-9]{4}"
+# Optional +86 / 0086 / 86 prefix (optional space or hyphen), then 1[3-9]x xxxx xxxx.
+_MOBILE_FIRST = "[+018]"
+_MOBILE_REST = (
+    r"(?:(?<=\+)86[ \-]?1|(?<=0)086[ \-]?1|(?<=8)6[ \-]?1|(?<=1))"
+    + r"[3-9][0-9](?P<s>[ \-]?)[0-9]{4}(?P=s)[0-9]{4}"
     + _NOT_AFTER
 )
 
-_LOCAL_CHARS = r"A-Za-z0-9_%+\-"
-_EMAIL_PATTERN = (
-    f"[{_LOCAL_CHARS}](?<![{_LOCAL_CHARS}.][{_LOCAL_CHARS}])[{_LOCAL_CHARS}.]{{0,63}}+@"
+# "@" and the domain; _EmailDetector reads the local part (A-Z a-z 0-9 . _ % + -) backwards.
+_EMAIL_DOMAIN_PATTERN = (
     # labels: letters/digits of any script (IDN) and hyphens; "_" is rejected by the validator
-    + r"(?:[\w\-]{1,63}\.){1,8}"
+    r"@(?:[\w\-]{1,63}\.){1,8}"
     # TLD: ASCII letters (may touch CJK text), or non-ASCII letters only (IDN TLD like 中国)
     + r"(?:[A-Za-z]{2,63}(?![A-Za-z0-9\-])|(?:(?![A-Za-z])[^\W\d_]){2,63}(?![\w\-]))"
 )
@@ -380,11 +503,10 @@ def _is_email(value: str) -> bool:
     return "_" not in value.rpartition("@")[2] and _v.is_email(value)
 
 
-_IPV4_PATTERN = (
-    _lead("[0-9]")
-    + r"(?<![0-9]\.[0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}"
-    + _NOT_AFTER
-    + r"(?!\.[0-9])"
+# Not part of a longer dotted run either: "1.2.3.4.5" is a version, not an address.
+_IPV4_FIRST = "[0-9]"
+_IPV4_REST = (
+    r"(?<![0-9]\.[0-9])[0-9]{0,2}+(?:\.[0-9]{1,3}+){3}" + _NOT_AFTER + r"(?!\.[0-9])"
 )
 
 # Candidate: starts with "::" or "h{1,4}:", hex digits and colons, optional dotted-quad tail.
@@ -396,31 +518,34 @@ _IPV6_PATTERN = (
 )
 
 # Country code, check digits, then 11-30 alphanumerics, or groups of four separated by spaces.
-_IBAN_PATTERN = (
-    _lead("[A-Z]")
-    + r"[A-Z][0-9]{2}(?:[A-Z0-9]{11,30}"
+_IBAN_FIRST = "[A-Z]"
+_IBAN_REST = (
+    r"[A-Z][0-9]{2}(?:[A-Z0-9]{11,30}+"
     + _NOT_AFTER
     + r"|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,3})?"
     + _NOT_AFTER
     + ")"
 )
 
-_SSN_PATTERN = (
-    _lead("[0-9]")
-    + r"(?<![0-9]-[0-9])[0-9]{2}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}"
+# AAA-GG-SSSS or AAA GG SSSS, not continuing a hyphenated number or followed by more groups.
+_SSN_FIRST = "[0-9]"
+_SSN_REST = (
+    r"(?<![0-9]-[0-9])[0-9]{2}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}"
     + _NOT_AFTER
     + r"(?!(?P=s)[0-9])"
 )
 
 _BUILTINS: dict[str, RegexDetector] = {
-    "CN_RESIDENT_ID": _BuiltinDetector("CN_RESIDENT_ID", _ID_PATTERN, _v.is_cn_resident_id),
-    "BANK_CARD": _BuiltinDetector("BANK_CARD", _CARD_PATTERN, _v.is_bank_card),
-    "CN_MOBILE": _BuiltinDetector("CN_MOBILE", _MOBILE_PATTERN, _v.is_cn_mobile),
-    "EMAIL": _BuiltinDetector("EMAIL", _EMAIL_PATTERN, _is_email, trigger="@"),
-    "IPV4": _BuiltinDetector("IPV4", _IPV4_PATTERN, _v.is_ipv4, trigger="."),
-    "IPV6": _Ipv6Detector("IPV6", _IPV6_PATTERN, _v.is_ipv6, trigger=":"),
-    "IBAN": _IbanDetector("IBAN", _IBAN_PATTERN, _v.is_iban),
-    "US_SSN": _BuiltinDetector("US_SSN", _SSN_PATTERN, _v.is_us_ssn),
+    "CN_RESIDENT_ID": _TokenDetector(
+        "CN_RESIDENT_ID", _ID_FIRST, _ID_REST, _v.is_cn_resident_id
+    ),
+    "BANK_CARD": _TokenDetector("BANK_CARD", _CARD_FIRST, _CARD_REST, _v.is_bank_card),
+    "CN_MOBILE": _TokenDetector("CN_MOBILE", _MOBILE_FIRST, _MOBILE_REST, _v.is_cn_mobile),
+    "EMAIL": _EmailDetector("EMAIL", _EMAIL_DOMAIN_PATTERN, _is_email),
+    "IPV4": _TokenDetector("IPV4", _IPV4_FIRST, _IPV4_REST, _v.is_ipv4),
+    "IPV6": _Ipv6Detector("IPV6", _IPV6_PATTERN, _v.is_ipv6),
+    "IBAN": _IbanDetector("IBAN", _IBAN_FIRST, _IBAN_REST, _v.is_iban),
+    "US_SSN": _TokenDetector("US_SSN", _SSN_FIRST, _SSN_REST, _v.is_us_ssn),
 }
 
 
@@ -453,24 +578,46 @@ def detect(text: str, detectors: Sequence[Detector]) -> list[Finding]:
     Overlaps are resolved greedily: the earliest start wins, then the longest span, then the
     detector listed first (so list CN_RESIDENT_ID before BANK_CARD, as :data:`BUILTIN_TYPES`
     does, and an 18-digit resident ID that is also Luhn-valid is reported as an ID).
+
+    Built-in detectors share work here: the text is folded once, and the token-based ones
+    (ID, card, mobile, IPv4, IBAN, SSN) run as one combined scan with identical results.
     """
     if not text:
         return []
+    detectors = tuple(detectors)
+    per_detector: list[list[Finding] | None] = [None] * len(detectors)
     folded: str | None = None
-    ranked: list[tuple[int, int, int, Finding]] = []
+    token_ranks: list[int] = []
+    token_members: list[_TokenDetector] = []
     for rank, detector in enumerate(detectors):
+        if isinstance(detector, _TokenDetector):
+            token_ranks.append(rank)
+            token_members.append(detector)
+    if len(token_members) > 1:
+        folded = _fold_width(text)
+        gate = _gate_for(tuple(token_members))
+        for rank, found in zip(token_ranks, gate.scan(text, folded), strict=True):
+            per_detector[rank] = found
+    for rank, detector in enumerate(detectors):
+        if per_detector[rank] is not None:
+            continue
         if isinstance(detector, RegexDetector) and detector._folds_width:
             if folded is None:
                 folded = _fold_width(text)
-            found = detector._find(text, folded)
+            per_detector[rank] = detector._find(text, folded)
         else:
-            found = detector.find(text)
-        ranked.extend((f.start, f.start - f.end, rank, f) for f in found if f.end > f.start)
-    ranked.sort(key=lambda item: item[:3])
+            per_detector[rank] = detector.find(text)
+    # Concatenate in detector order; the sort is stable, so equal spans keep that order.
+    candidates = [f for found in per_detector if found for f in found if f.end > f.start]
+    candidates.sort(key=_overlap_key)
     resolved: list[Finding] = []
     covered_to = 0
-    for start, _, _, finding in ranked:
-        if start >= covered_to:
+    for finding in candidates:
+        if finding.start >= covered_to:
             resolved.append(finding)
             covered_to = finding.end
     return resolved
+
+
+def _overlap_key(finding: Finding) -> tuple[int, int]:
+    return finding.start, finding.start - finding.end

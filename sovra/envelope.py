@@ -6,8 +6,9 @@ Rules this module enforces (read these before changing anything here):
    canonical header bytes as associated data, so the header cannot change without detection.
 2. The DEK is HPKE-wrapped (RFC 9180) to each candidate enclave key named in the header, with the
    header digest in HPKE ``info``: a wrapped key cannot be moved to another header.
-3. The edge signs (Ed25519) the header digest and the payload digest. The suite is a header field,
-   so a downgrade changes the signed bytes.
+3. The edge signs (Ed25519) the digests of the header, the wrapped keys and the payload. The suite
+   is a header field, so a downgrade changes the signed bytes; a broker that alters a wrapped key
+   is refused before the enclave spends the request id on it.
 4. Headers are canonical CBOR (RFC 8949 deterministic encoding). A decoder re-encodes what it
    parsed and refuses bytes that differ, so there is exactly one valid encoding of each header.
 5. Replies are sealed under keys derived from the DEK and the request id; frames carry a sequence
@@ -223,7 +224,7 @@ class Envelope:
                 ENVELOPE_MAGIC,
                 self.header_bytes,
                 self.signature,
-                [[w.recipient.enclave_id, w.recipient.epoch, w.blob] for w in self.wrapped_keys],
+                _wrapped_list(self.wrapped_keys),
                 self.nonce,
                 self.ciphertext,
             ]
@@ -257,7 +258,8 @@ class Envelope:
         key = ed25519.Ed25519PublicKey.from_public_bytes(self.header.edge_key)
         try:
             key.verify(
-                self.signature, _to_be_signed(self.header_bytes, self.nonce, self.ciphertext)
+                self.signature,
+                _to_be_signed(self.header_bytes, self.wrapped_keys, self.nonce, self.ciphertext),
             )
         except InvalidSignature:
             raise BadSignature("edge signature does not verify over header and payload") from None
@@ -318,7 +320,7 @@ def seal_request(
         )
         for recipient, pub in recipient_keys
     )
-    signature = signing_key.sign(_to_be_signed(header_bytes, nonce, ciphertext))
+    signature = signing_key.sign(_to_be_signed(header_bytes, wrapped, nonce, ciphertext))
     envelope = Envelope(header, header_bytes, signature, wrapped, nonce, ciphertext)
     return envelope.encode(), RequestSecrets(
         header.request_id, ReplyKeys.derive(dek, header.request_id)
@@ -415,12 +417,19 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
-def _to_be_signed(header_bytes: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
+def _to_be_signed(
+    header_bytes: bytes, wrapped: Sequence[WrappedKey], nonce: bytes, ciphertext: bytes
+) -> bytes:
     return (
         _SIG_CONTEXT
         + hashlib.sha256(header_bytes).digest()
+        + hashlib.sha256(cbor2.dumps(_wrapped_list(wrapped))).digest()
         + hashlib.sha256(nonce + ciphertext).digest()
     )
+
+
+def _wrapped_list(wrapped: Sequence[WrappedKey]) -> list[list[Any]]:
+    return [[w.recipient.enclave_id, w.recipient.epoch, w.blob] for w in wrapped]
 
 
 def _dek_info(header_bytes: bytes) -> bytes:

@@ -72,6 +72,9 @@ _KINDS: tuple[str, ...] = get_args(IdentityKind)
 #: :meth:`Identity.dns_name`), so they are single lowercase labels: no dots, no case folding.
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
+#: DNS SAN values: ASCII labels, optional leading wildcard label.
+_HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+
 CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -212,6 +215,12 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+def _common_name(identity: Identity) -> str:
+    """Informational subject CN: the identity URI, unless it exceeds the 64-char CN limit."""
+    uri = identity.uri()
+    return uri if len(uri) <= 64 else f"{identity.kind} {identity.name}"[:64]
+
+
 def _split_hosts(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
     dns: list[str] = []
     ips: list[str] = []
@@ -219,6 +228,11 @@ def _split_hosts(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
         try:
             ipaddress.ip_address(host)
         except ValueError:
+            if not _HOST_RE.fullmatch(host):
+                raise PKIError(
+                    f"invalid host {host!r}: expected an IP address or an ASCII DNS name "
+                    "(use the IDNA/punycode form for internationalized names)"
+                ) from None
             dns.append(host)
         else:
             ips.append(host)
@@ -488,7 +502,7 @@ class DevCA:
             dns.append(identity.dns_name())
         key = generate_key()
         cert = build_certificate(
-            subject_cn=identity.uri(),
+            subject_cn=_common_name(identity),
             public_key=key.public_key(),
             issuer_cert=self.cert,
             issuer_key=self.key,
@@ -558,6 +572,7 @@ def init_pki(
         seen.add(ident)
     if not hosts:
         raise PKIError("at least one host (DNS name or IP address) is required")
+    _split_hosts(hosts)  # validate before writing anything
 
     ca = DevCA.create(directory, ca_name, force=force)
     return {ident.file_stem: ca.issue(ident, hosts=hosts) for ident in identities}

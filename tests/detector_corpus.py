@@ -355,6 +355,13 @@ FILLERS: dict[str, Callable[[random.Random], str]] = {
     "order": lambda r: f"2{r.randrange(10**13, 10**14)}",  # 15 digits, not a card prefix
     "emoji": lambda r: r.choice(("😀", "🏥", "💳", "✅", "⚠️", "")),
     "ver": lambda r: f"{r.randrange(1, 9)}.{r.randrange(20)}.{r.randrange(20)}",
+    "dose": lambda r: f"{r.choice((25, 50, 100, 300))}mg",
+    "size": lambda r: f"{r.randrange(3, 30) / 10}cm×{r.randrange(3, 30) / 10}cm",
+    "months": lambda r: str(r.randrange(1, 13)),
+    "hours": lambda r: str(r.randrange(1, 7)),
+    "age": lambda r: str(r.randrange(18, 95)),
+    "pct": lambda r: f"{r.randrange(1, 100) / 10}%",
+    "wbc": lambda r: f"{r.randrange(30, 200) / 10}",
 }
 
 # --- templates ----------------------------------------------------------------------------------
@@ -392,6 +399,30 @@ _TEMPLATES = (
     "联系人{cn_name}：{CN_MOBILE}、{nm_mobile12}（错误），{EMAIL}",
 )
 
+# Sentences with no sensitive value: most of a real note or chat transcript looks like this.
+_PROSE = (
+    "患者主诉胸闷气短三天，活动后加重，伴有咳嗽、咳白色黏痰，无发热及咯血。",
+    "查体：神志清，精神可，双肺呼吸音粗，未闻及明显干湿啰音，心律齐。",
+    "给予阿司匹林{dose}口服，每日一次，并嘱低盐低脂饮食，监测血压、心率变化。",
+    "胸部CT示右肺下叶见一结节影，大小约{size}，边界清楚，建议{months}个月后复查。",
+    "{dept}会诊意见：考虑社区获得性肺炎，继续抗感染治疗，必要时完善支气管镜检查。",
+    "今日{clock}查房，患者一般情况可，饮食睡眠尚可，大小便正常，血压{bp}mmHg。",
+    "MDT讨论认为该患者适合行PCI治疗，follow-up in {months} months，家属表示理解并签字。",
+    "The patient was admitted with community-acquired pneumonia and started on IV ceftriaxone.",
+    "Please review the attached discharge summary and confirm the follow-up appointment.",
+    "Lab results: WBC {wbc} x10^9/L, CRP elevated, procalcitonin within normal limits.",
+    "客户来电咨询信用卡分期业务，已告知分期手续费率为每期{pct}，客户表示理解。",
+    "本行将于{date}凌晨对网上银行系统进行升级维护，届时转账汇款等服务将暂停约{hours}小时。",
+    "经核实，该笔交易为客户本人操作，资金已于{date}退回原账户，金额{amount}。",
+    "根据反洗钱相关规定，请客户补充提供收入证明及资金来源说明材料。",
+    "The customer disputes a card-not-present transaction of {amount}; chargeback opened on {date}.",
+    "Our Q3 risk review found no material exposure; the model (v{ver}) was re-validated.",
+    "风控模型{ver}版本上线后，误报率下降约{pct}，审批时效提升明显。",
+    "Reminder: the compliance training deadline is {date}. 请各部门负责人督促完成。",
+    "系统日志显示{clock}出现连接超时，已重启服务，目前运行正常{emoji}",
+    "患者{cn_name}，{age}岁，因“反复上腹痛{months}月”入院，既往体健，否认药物过敏史。",
+)
+
 _SLOT = re.compile(r"\{(\w+)\}")
 _FULLWIDTH = str.maketrans({chr(c): chr(c + 0xFEE0) for c in range(0x21, 0x7F)})
 
@@ -425,16 +456,22 @@ def _render(rng: random.Random, template: str, text: list[str], gold: Gold, pos:
     return pos
 
 
-def build_corpus(n: int, seed: int) -> list[tuple[str, list[tuple[str, int, int]]]]:
-    """``n`` labelled samples of 1-3 sentences each; deterministic for a given ``seed``."""
+def build_corpus(
+    n: int, seed: int, prose: float = 0.5
+) -> list[tuple[str, list[tuple[str, int, int]]]]:
+    """``n`` labelled samples of 1-4 sentences each; deterministic for a given ``seed``.
+
+    ``prose`` is the share of sentences without any sensitive value (realistic notes are
+    mostly prose; 0.0 gives a dense corpus of entities and near-misses only).
+    """
     rng = random.Random(seed)
     corpus: list[tuple[str, Gold]] = []
     for _ in range(n):
         text: list[str] = []
         gold: Gold = []
         pos = 0
-        for k in range(rng.randrange(1, 4)):
-            template = rng.choice(_TEMPLATES)
+        for k in range(rng.randrange(1, 5)):
+            template = rng.choice(_PROSE if rng.random() < prose else _TEMPLATES)
             if k:
                 sep = rng.choice((" ", "", "\n"))
                 last = next((piece[-1] for piece in reversed(text) if piece), "")
@@ -447,13 +484,13 @@ def build_corpus(n: int, seed: int) -> list[tuple[str, list[tuple[str, int, int]
     return corpus
 
 
-def corpus_text(min_bytes: int, seed: int = 11) -> str:
+def corpus_text(min_bytes: int, seed: int = 11, prose: float = 0.5) -> str:
     """At least ``min_bytes`` (UTF-8) of corpus text, samples separated by newlines."""
     parts: list[str] = []
     size = 0
     batch = 0
     while size < min_bytes:
-        for text, _ in build_corpus(500, seed + batch):
+        for text, _ in build_corpus(500, seed + batch, prose):
             parts.append(text)
             size += len(text.encode()) + 1
         batch += 1

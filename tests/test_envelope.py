@@ -279,3 +279,16 @@ def test_malformed_frames(sealed) -> None:
     for blob in (b"", b"\x00", cbor2.dumps([0, True]), cbor2.dumps(["0", True, b""])):
         with pytest.raises(env.MalformedEnvelope):
             reader.open(blob)
+
+
+def test_altered_wrapped_key_breaks_the_signature(sealed) -> None:
+    """A broker that flips a wrapped key is refused before the enclave spends the request id."""
+    data, *_ = sealed
+    parsed = env.Envelope.decode(data)
+    w = parsed.wrapped_keys
+    blob = bytes([w[1].blob[0] ^ 1]) + w[1].blob[1:]
+    forged = dataclasses.replace(
+        parsed, wrapped_keys=(w[0], env.WrappedKey(w[1].recipient, blob), w[2])
+    )
+    with pytest.raises(env.BadSignature):
+        env.Envelope.decode(forged.encode()).verify()

@@ -210,11 +210,23 @@ def test_refuses_to_overwrite_existing_ca(tmp_path: Path) -> None:
     )
 
 
+def test_longest_names(tmp_path: Path) -> None:
+    issued = init_pki(tmp_path, tenants=("t" * 63,), enclaves=("e" * 63,))
+    for item in issued.values():
+        cert = _load_cert(item.cert_path)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [item.identity.uri()]
+    with pytest.raises(PKIError, match="invalid enclave id"):
+        init_pki(tmp_path / "x", enclaves=("e" * 64,))
+
+
 def test_init_validates_names_before_writing(tmp_path: Path) -> None:
     with pytest.raises(PKIError, match="invalid tenant"):
         init_pki(tmp_path / "x", tenants=("ok", "../evil"))
     with pytest.raises(PKIError, match="duplicate identity"):
         init_pki(tmp_path / "x", enclaves=("e1", "e1"))
+    with pytest.raises(PKIError, match="invalid host"):
+        init_pki(tmp_path / "x", hosts=("localhost", "bad host"))
     assert not (tmp_path / "x").exists()
 
 
@@ -337,7 +349,7 @@ def test_tls_files_errors_name_the_file(pki_dir: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class RecordingHealth(health.HealthServicer):  # type: ignore[misc]
+class RecordingHealth(health.HealthServicer):
     """Health servicer that records the authenticated peer of every Check call."""
 
     def __init__(self) -> None:

@@ -138,4 +138,3 @@ class LlamaWorkload:
             raise WorkloadError(
                 "the model refused the request parameters", code="invalid_request"
             ) from None
-

@@ -95,11 +95,15 @@ class UpstreamWorkload:
             result = response.json()
         except ValueError:
             raise WorkloadError(
-                "upstream answered with invalid JSON", type=UPSTREAM_ERROR, code="upstream_bad_reply"
+                "upstream answered with invalid JSON",
+                type=UPSTREAM_ERROR,
+                code="upstream_bad_reply",
             ) from None
         if not isinstance(result, dict):
             raise WorkloadError(
-                "upstream answer is not a JSON object", type=UPSTREAM_ERROR, code="upstream_bad_reply"
+                "upstream answer is not a JSON object",
+                type=UPSTREAM_ERROR,
+                code="upstream_bad_reply",
             )
         return result
 
@@ -128,7 +132,9 @@ def _event_json(payload: str) -> dict[str, Any]:
         event = None
     if not isinstance(event, dict):
         raise WorkloadError(
-            "upstream stream carried an invalid event", type=UPSTREAM_ERROR, code="upstream_bad_reply"
+            "upstream stream carried an invalid event",
+            type=UPSTREAM_ERROR,
+            code="upstream_bad_reply",
         )
     if "error" in event:
         raise WorkloadError(
@@ -140,7 +146,9 @@ def _event_json(payload: str) -> dict[str, Any]:
 def _transport_error(exc: httpx.HTTPError) -> WorkloadError:
     if isinstance(exc, httpx.TimeoutException):
         return WorkloadError("upstream timed out", type=UPSTREAM_ERROR, code="upstream_timeout")
-    return WorkloadError("upstream is unreachable", type=UPSTREAM_ERROR, code="upstream_unreachable")
+    return WorkloadError(
+        "upstream is unreachable", type=UPSTREAM_ERROR, code="upstream_unreachable"
+    )
 
 
 def _status_error(response: httpx.Response) -> WorkloadError:

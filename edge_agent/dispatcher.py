@@ -1,0 +1,361 @@
+"""One API request from decision to reply: policy, verified candidates, seal, broker, open, audit.
+
+Every request that got past authentication and body checks ends in exactly one ``request``
+audit record (metadata only), whether it succeeded, was refused, failed upstream or the client
+went away mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from edge_agent.broker_client import BrokerCallError, BrokerClient, StreamCall
+from edge_agent.config import AppConfig, EdgeConfig
+from edge_agent.errors import ApiError, ReplyIntegrityError, internal_error
+from edge_agent.policy import ConfigPolicy, Decision
+from edge_agent.sealing import (
+    ReplyOpener,
+    RequestMeta,
+    SealedRequest,
+    header_constraints,
+    is_done_marker,
+    open_unary,
+    seal,
+)
+from edge_agent.trusted_set import Clock, TrustedEnclaveSet, TrustedKey, wall_clock_ms
+from sovra import suites
+from sovra.audit import AuditLog
+from sovra.envelope import new_request_id
+
+log = logging.getLogger("sovra.edge")
+
+AUDIT_KIND: Final = "request"
+PURPOSE: Final = "inference"
+SSE_DONE: Final = b"data: [DONE]\n\n"
+STATUS_CLIENT_GONE: Final = 499  # nginx's "client closed request": no reply could be sent
+
+
+@dataclass
+class RequestRecord:
+    """What is known about one request: audited and logged. Never prompts or replies."""
+
+    request_id: bytes
+    app: str
+    model: str
+    op: str
+    stream: bool
+    started: float = field(default_factory=time.monotonic)
+    decision: Decision | None = None
+    enclaves: tuple[tuple[str, int], ...] = ()
+    served_by: str | None = None
+    outcome: str = "pending"
+    status: int = 0
+    reason: str = ""
+    finished: bool = False
+
+    @property
+    def request_id_hex(self) -> str:
+        return self.request_id.hex()
+
+    def audit_record(self) -> dict[str, Any]:
+        d = self.decision
+        record: dict[str, Any] = {
+            "request_id": self.request_id_hex,
+            "app": self.app,
+            "model": self.model,
+            "op": self.op,
+            "stream": self.stream,
+            "decision": d.effect if d else None,
+            "rule": d.rule_id if d else None,
+            "policy_id": d.policy_id if d else None,
+            "enclaves": [{"id": e, "epoch": n} for e, n in self.enclaves],
+            "served_by": self.served_by,
+            "outcome": self.outcome,
+            "status": self.status,
+            "latency_ms": int((time.monotonic() - self.started) * 1000),
+        }
+        if self.reason:
+            record["reason"] = self.reason
+        return record
+
+
+def sse_event(obj: dict[str, Any]) -> bytes:
+    # json.dumps escapes newlines, so one event is always one "data:" line.
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def broker_error(exc: BrokerCallError) -> ApiError:
+    """Map a broker gRPC status to the HTTP error the app sees (docs/edge.md)."""
+    detail = f"broker: {exc.details or exc.code.name}"
+    code = exc.code
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ApiError(503, "no_enclave_available", detail)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ApiError(503, "enclaves_unavailable", detail)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ApiError(403, "broker_permission_denied", detail)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ApiError(502, "broker_rejected_request", detail)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ApiError(504, "upstream_timeout", detail)
+    return ApiError(502, "broker_error", f"{detail} ({code.name})")
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        policy: ConfigPolicy,
+        trusted: TrustedEnclaveSet,
+        broker: BrokerClient,
+        signing_key: ed25519.Ed25519PrivateKey,
+        audit: AuditLog,
+        clock: Clock = wall_clock_ms,
+    ) -> None:
+        self._config = config
+        self._policy = policy
+        self._trusted = trusted
+        self._broker = broker
+        self._signing_key = signing_key
+        self._audit = audit
+        self._clock = clock
+        self._constraints = header_constraints(config.constraints)
+        self._kem = suites.suite_by_name(config.suite).kem
+        self._configured_models = {m for app in config.apps for m in app.models}
+        self._synced_generation = 0
+
+    def new_record(self, app: str, model: str, op: str, stream: bool) -> RequestRecord:
+        return RequestRecord(new_request_id(), app, model, op, stream)
+
+    # -- unary ----------------------------------------------------------------------------------
+
+    async def complete(self, rec: RequestRecord, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            sealed, candidates = await self._prepare(rec, body)
+            try:
+                reply = await self._broker.dispatch(sealed.envelope)
+            except BrokerCallError as exc:
+                raise broker_error(exc) from None
+            self._served_by(rec, candidates, reply.enclave_id)
+            result = open_unary(sealed.secrets, reply.frame)
+        except ApiError as err:
+            self._fail(rec, err)
+            raise
+        except Exception as exc:
+            raise self._internal(rec, exc) from None
+        self._succeed(rec)
+        return result
+
+    # -- streaming ------------------------------------------------------------------------------
+
+    async def stream(self, rec: RequestRecord, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """Reads up to the first chunk (so early errors are HTTP errors), then streams SSE."""
+        call: StreamCall | None = None
+        try:
+            sealed, candidates = await self._prepare(rec, body)
+            call = self._broker.dispatch_stream(sealed.envelope)
+            opener = ReplyOpener(sealed.secrets)
+            first = await self._next_chunk(rec, candidates, call, opener)
+        except ApiError as err:
+            _cancel(call)
+            self._fail(rec, err)
+            raise
+        except Exception as exc:
+            _cancel(call)
+            raise self._internal(rec, exc) from None
+        return self._events(rec, candidates, call, opener, first)
+
+    async def _events(
+        self,
+        rec: RequestRecord,
+        candidates: Sequence[TrustedKey],
+        call: StreamCall,
+        opener: ReplyOpener,
+        chunk: dict[str, Any] | None,
+    ) -> AsyncIterator[bytes]:
+        failure: ApiError | None = None
+        try:
+            while chunk is not None:
+                yield sse_event(chunk)
+                chunk = await self._next_chunk(rec, candidates, call, opener)
+            self._succeed(rec)
+        except ApiError as err:
+            failure = err
+            self._fail(rec, err)
+        except Exception as exc:
+            failure = self._internal(rec, exc)
+        finally:
+            call.cancel()
+            if not rec.finished:  # the client went away (the generator was closed)
+                rec.outcome, rec.status = "client_disconnected", STATUS_CLIENT_GONE
+                self._finish(rec)
+        if failure is not None:
+            yield sse_event(failure.body())
+        yield SSE_DONE
+
+    async def _next_chunk(
+        self,
+        rec: RequestRecord,
+        candidates: Sequence[TrustedKey],
+        call: StreamCall,
+        opener: ReplyOpener,
+    ) -> dict[str, Any] | None:
+        """The next verified chunk to forward, or None after the end marker."""
+        while not opener.done:
+            try:
+                reply = await call.read()
+            except BrokerCallError as exc:
+                raise broker_error(exc) from None
+            if reply is None:
+                opener.finish()  # raises: the stream ended without its end marker
+                return None
+            self._served_by(rec, candidates, reply.enclave_id)
+            obj = opener.open(reply.frame)
+            if not is_done_marker(obj):
+                return obj
+        return None
+
+    # -- shared steps ---------------------------------------------------------------------------
+
+    async def _prepare(
+        self, rec: RequestRecord, body: dict[str, Any]
+    ) -> tuple[SealedRequest, list[TrustedKey]]:
+        if rec.model not in self._configured_models | self._trusted.listed_models():
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"the model {rec.model!r} does not exist or you do not have access to it",
+                param="model",
+            )
+        decision = self._policy.decide(rec.app, PURPOSE, rec.model)
+        rec.decision = decision
+        if not decision.allowed:
+            raise ApiError(
+                403,
+                "policy_denied",
+                f"denied by policy rule {decision.rule_id!r} ({decision.policy_id}): "
+                f"{decision.reason}",
+            )
+        candidates = await self._candidates(rec.model)
+        rec.enclaves = tuple((c.enclave_id, c.epoch) for c in candidates)
+        meta = RequestMeta(
+            suite=self._config.suite,
+            request_id=rec.request_id,
+            tenant=self._config.tenant,
+            app=rec.app,
+            model=rec.model,
+            operation=rec.op,
+            stream=rec.stream,
+            policy_id=decision.policy_id,
+            constraints=self._constraints,
+            issued_at_ms=self._clock(),
+            ttl_s=self._config.request_ttl_s,
+        )
+        return seal(meta, body, candidates, self._signing_key), candidates
+
+    async def _candidates(self, model: str) -> list[TrustedKey]:
+        """Verified candidates; refresh the directory once on demand when there are none."""
+        error: BrokerCallError | None = None
+        try:
+            await self.refresh()
+        except BrokerCallError as exc:
+            error = exc
+        found = self._pick(model)
+        if not found and error is None:
+            try:
+                await self.refresh(force=True)
+            except BrokerCallError as exc:
+                error = exc
+            found = self._pick(model)
+        if found:
+            return found
+        if error is not None:
+            raise ApiError(503, "enclaves_unavailable", f"cannot list enclaves: {error.details}")
+        raise ApiError(
+            503,
+            "no_enclave_available",
+            f"no enclave verified by this edge serves {model!r} within its constraints",
+        )
+
+    def _pick(self, model: str) -> list[TrustedKey]:
+        return self._trusted.candidates(
+            model, self._config.candidates, self._constraints, kem=self._kem
+        )
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Bring the trusted set up to the broker's directory (cached for refresh_s)."""
+        listing = await self._broker.list_enclaves(force=force)
+        if listing.generation != self._synced_generation:
+            self._trusted.sync(listing.descriptors)
+            self._synced_generation = listing.generation
+
+    async def refresh_tolerant(self) -> None:
+        """Refresh, but keep serving from the cached verified set if the broker is down."""
+        try:
+            await self.refresh()
+        except BrokerCallError as exc:
+            if self._synced_generation == 0:
+                raise ApiError(
+                    503, "enclaves_unavailable", f"cannot list enclaves: {exc.details}"
+                ) from None
+            log.warning("enclave directory refresh failed: %s", exc.code.name)
+
+    async def models_for(self, app: AppConfig) -> list[str]:
+        await self.refresh_tolerant()
+        served = self._trusted.models(self._constraints, kem=self._kem)
+        return [m for m in app.models if m in served]
+
+    def _served_by(
+        self, rec: RequestRecord, candidates: Sequence[TrustedKey], enclave_id: str
+    ) -> None:
+        # The frame itself proves a recipient answered; a broker naming anyone else is lying.
+        if enclave_id not in {c.enclave_id for c in candidates}:
+            raise ReplyIntegrityError("the broker named an enclave that was not a candidate")
+        if rec.served_by not in (None, enclave_id):
+            raise ReplyIntegrityError("the broker switched enclaves in the middle of a reply")
+        rec.served_by = enclave_id
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _succeed(self, rec: RequestRecord) -> None:
+        rec.outcome, rec.status = "ok", 200
+        self._finish(rec)
+
+    def _fail(self, rec: RequestRecord, err: ApiError) -> None:
+        rec.outcome, rec.status = err.code, err.status
+        if isinstance(err, ReplyIntegrityError):
+            rec.reason = err.reason
+            log.warning(
+                "reply integrity failure: rid=%s enclave=%s: %s",
+                rec.request_id_hex,
+                rec.served_by,
+                err.reason,
+            )
+        self._finish(rec)
+
+    def _internal(self, rec: RequestRecord, exc: Exception) -> ApiError:
+        # Only the type: exception messages could quote request content.
+        log.error("internal error: rid=%s: %s", rec.request_id_hex, type(exc).__name__)
+        err = internal_error()
+        self._fail(rec, err)
+        return err
+
+    def _finish(self, rec: RequestRecord) -> None:
+        if rec.finished:
+            return
+        rec.finished = True
+        self._audit.append(AUDIT_KIND, rec.audit_record())
+
+
+def _cancel(call: StreamCall | None) -> None:
+    if call is not None:
+        call.cancel()
