@@ -54,7 +54,7 @@ class RequestRecord:
     stream: bool
     started: float = field(default_factory=time.monotonic)
     decision: Decision | None = None
-    enclaves: tuple[tuple[str, int], ...] = ()
+    enclaves: tuple[tuple[str, int, bool], ...] = ()  # id, epoch, simulated (verified)
     served_by: str | None = None
     outcome: str = "pending"
     status: int = 0
@@ -76,7 +76,7 @@ class RequestRecord:
             "decision": d.effect if d else None,
             "rule": d.rule_id if d else None,
             "policy_id": d.policy_id if d else None,
-            "enclaves": [{"id": e, "epoch": n} for e, n in self.enclaves],
+            "enclaves": [{"id": e, "epoch": n, "simulated": sim} for e, n, sim in self.enclaves],
             "served_by": self.served_by,
             "outcome": self.outcome,
             "status": self.status,
@@ -246,7 +246,7 @@ class Dispatcher:
                 f"{decision.reason}",
             )
         candidates = await self._candidates(rec.model)
-        rec.enclaves = tuple((c.enclave_id, c.epoch) for c in candidates)
+        rec.enclaves = tuple((c.enclave_id, c.epoch, c.result.simulated) for c in candidates)
         meta = RequestMeta(
             suite=self._config.suite,
             request_id=rec.request_id,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 
@@ -118,11 +120,26 @@ def serve(config: EdgeConfig) -> RunningEdge:
 def run(config: EdgeConfig) -> int:
     """Serve in the foreground until SIGTERM/SIGINT; return a process exit code."""
     runtime, server = _build(config)
+    # uvicorn handles SIGTERM/SIGINT while serving and re-raises them once it has stopped, so
+    # the process would die "killed by SIGTERM" (status 143). The signal already did its work:
+    # answer the re-raise with a no-op and exit 0.
+    previous = _install_signal_handlers(lambda *_: None)
     try:
         server.run()
     finally:
+        _install_signal_handlers(previous)
         runtime.close()
     return 0 if server.started else 1
+
+
+def _install_signal_handlers(handler: Any) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if isinstance(handler, dict):
+        for sig, previous in handler.items():
+            signal.signal(sig, previous)
+        return None
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _url_host(host: str) -> str:

@@ -177,21 +177,22 @@ class RegexDetector:
             return self._find(text, _fold_width(text))
         return self._find(text, text)
 
-    def _accept(self, candidate: str) -> int:
-        """Length of the accepted prefix of a match, or 0 to reject it."""
+    def _check(self, candidate: str) -> tuple[int, int]:
+        """(length of the accepted prefix of a match or 0, characters the scan moves past)."""
+        n = len(candidate)
         if self._validator is None or self._validator(candidate):
-            return len(candidate)
-        return 0
+            return n, n
+        return 0, n
 
     def _find(self, text: str, scan: str) -> list[Finding]:
         """Scan ``scan`` (``text`` or its folded twin, same length); report slices of ``text``."""
-        entity_type, accept = self.entity_type, self._accept
+        entity_type, check = self.entity_type, self._check
         found: list[Finding] = []
         for match in self._regex.finditer(scan):
             start, end = match.span()
             if start == end:
                 continue
-            length = accept(match.group())
+            length = check(match.group())[0]
             if length:
                 found.append(Finding(entity_type, start, start + length, text[start : start + length]))
         return found
@@ -206,29 +207,63 @@ class _BuiltinDetector(RegexDetector):
         super().__init__(entity_type, pattern, validator)
 
 
+def _ascii_class_members(cls: str) -> frozenset[str]:
+    return frozenset(c for c in map(chr, range(128)) if re.fullmatch(cls, c))
+
+
+def _ascii_class(chars: frozenset[str]) -> str:
+    return "[" + "".join(re.escape(c) for c in sorted(chars)) + "]"
+
+
 class _TokenDetector(_BuiltinDetector):
     """A pattern that starts a token: ``first`` is a character class that must not follow an
-    ASCII letter or digit, ``rest`` the remainder.  Several of these can share one scan
+    ASCII letter or digit, ``rest`` the remainder.  ``guard`` = (class, n) promises that the
+    ``n`` characters after the first are in that class; checking it first rejects short
+    numbers ("3天", "100mg", "2024年") cheaply.  Several token detectors can share one scan
     (:class:`_TokenGate`) because the boundary rule is the same for all of them.
     """
 
-    def __init__(self, entity_type: str, first: str, rest: str, validator: Validator) -> None:
-        super().__init__(entity_type, _lead(first) + rest, validator)
+    def __init__(
+        self,
+        entity_type: str,
+        first: str,
+        rest: str,
+        validator: Validator,
+        guard: tuple[str, int],
+    ) -> None:
+        guard_class, guard_length = guard
+        pattern = _lead(first) + f"(?={guard_class}{{{guard_length}}})" + rest
+        super().__init__(entity_type, pattern, validator)
         self._first = first
         self._rest = rest
-        self._first_chars = frozenset(c for c in map(chr, range(128)) if re.fullmatch(first, c))
+        self._first_chars = _ascii_class_members(first)
+        self._guard_chars = _ascii_class_members(guard_class)
+        self._guard_length = guard_length
+
+    def _find(self, text: str, scan: str) -> list[Finding]:
+        entity_type, check, search = self.entity_type, self._check, self._regex.search
+        found: list[Finding] = []
+        match = search(scan)
+        while match is not None:
+            start = match.start()
+            length, consumed = check(match.group())
+            if length:
+                found.append(Finding(entity_type, start, start + length, text[start : start + length]))
+            match = search(scan, start + max(consumed, 1))
+        return found
 
 
 class _IbanDetector(_TokenDetector):
-    def _accept(self, candidate: str) -> int:
+    def _check(self, candidate: str) -> tuple[int, int]:
         # A grouped IBAN may be followed by an unrelated 4-character group ("BE68 5390 0754 7034
-        # 2023"); retry at each earlier group boundary.
+        # 2023", "... IBAN FR76 ..."): retry at each earlier group boundary, and when nothing
+        # validates, let the scan resume after the country code and check digits.
         cut = len(candidate)
         while cut >= _v.IBAN_MIN_LENGTH:
             if _v.is_iban(candidate[:cut]):
-                return cut
+                return cut, cut
             cut = candidate.rfind(" ", 0, cut)
-        return 0
+        return 0, (4 if " " in candidate else len(candidate))
 
 
 class _Ipv6Detector(_BuiltinDetector):
@@ -252,21 +287,22 @@ class _Ipv6Detector(_BuiltinDetector):
             if match is None:
                 hit = search(scan, anchor + 1)
                 continue
-            length = self._accept(match.group())
+            length = self._check(match.group())[0]
             if length:
                 found.append(Finding(self.entity_type, start, start + length, text[start : start + length]))
             resume = match.end()
             hit = search(scan, max(resume, anchor + 1))
         return found
 
-    def _accept(self, candidate: str) -> int:
+    def _check(self, candidate: str) -> tuple[int, int]:
+        n = len(candidate)
         if _v.is_ipv6(candidate):
-            return len(candidate)
+            return n, n
         # "fe80::1:" at the end of a clause: drop a single trailing colon.
         if candidate.endswith(":") and not candidate.endswith("::"):
             if _v.is_ipv6(candidate[:-1]):
-                return len(candidate) - 1
-        return 0
+                return n - 1, n
+        return 0, n
 
 
 class _EmailDetector(_BuiltinDetector):
@@ -286,7 +322,7 @@ class _EmailDetector(_BuiltinDetector):
                 start -= 1
             if start == at or (start > previous_end and scan[start - 1] in local_chars):
                 continue  # no local part, or one longer than 64 characters
-            if self._accept(scan[start:end]):
+            if self._check(scan[start:end])[0]:
                 found.append(Finding(self.entity_type, start, end, text[start:end]))
                 previous_end = end
         return found
@@ -295,20 +331,22 @@ class _EmailDetector(_BuiltinDetector):
 class _TokenGate:
     """One scan for several token detectors instead of one scan each.
 
-    The gate pattern is ``[all first chars](boundary)(?:(?P<_0>rest_0)|(?P<_1>rest_1)|...)``: it
+    The gate is ``[all first chars](boundary)(guard)(?:(?P<_0>rest_0)|(?P<_1>rest_1)|...)``: it
     matches exactly at the positions where at least one member pattern matches.  At each such
     position the members are matched individually (members listed before the branch that
-    matched cannot match there), and each member resumes after its own previous match, so the
-    result per member is identical to running that member's ``finditer`` alone.
+    matched cannot match there), and each member resumes where its own previous match let it,
+    so the result per member is identical to running that member alone.
     """
 
     def __init__(self, members: tuple[_TokenDetector, ...]) -> None:
-        union = "[" + "".join(m._first[1:-1] for m in members) + "]"
+        union = _ascii_class(frozenset().union(*(m._first_chars for m in members)))
+        guard_class = _ascii_class(frozenset().union(*(m._guard_chars for m in members)))
+        guard = f"(?={guard_class}{{{min(m._guard_length for m in members)}}})"
         branches = []
         for i, member in enumerate(members):
             rest = member._rest.replace("(?P<", f"(?P<_{i}_").replace("(?P=", f"(?P=_{i}_")
             branches.append(f"(?P<_{i}>(?<={member._first}){rest})")
-        self._gate = re.compile(_lead(union) + "(?:" + "|".join(branches) + ")")
+        self._gate = re.compile(_lead(union) + guard + "(?:" + "|".join(branches) + ")")
         self._branch_of_group = {self._gate.groupindex[f"_{i}"]: i for i in range(len(members))}
         self._members = members
 
@@ -336,9 +374,9 @@ class _TokenGate:
                     if match is None:
                         continue
                     end = match.end()
-                resume[i] = end
                 member = members[i]
-                length = member._accept(scan[pos:end])
+                length, consumed = member._check(scan[pos:end])
+                resume[i] = pos + max(consumed, 1)
                 if length:
                     found[i].append(
                         Finding(member.entity_type, pos, pos + length, text[pos : pos + length])
@@ -466,13 +504,15 @@ _ID_REST = (
 )
 
 # 13-19 digits, or groups of four separated by one consistent space/hyphen, or Amex 4-6-5.
-# A grouped number must not continue a longer grouped digit run on either side.
+# A grouped number must not continue a longer grouped digit run on either side, nor the
+# groups of an IBAN ("GB61 LKUG 3976 7951 0183 31").
 _CARD_FIRST = "[2-6]"
 _CARD_REST = (
     "(?:"
     + r"[0-9]{12,18}+"
     + _NOT_AFTER
-    + r"|(?<![0-9][ \-][2-6])[0-9]{3}(?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}(?P=s)"
+    + r"|(?<![0-9][ \-][2-6])(?<![A-Z]{2}[0-9]{2} [A-Z0-9]{4} [2-6])"
+    + r"[0-9]{3}(?P<s>[ \-])[0-9]{4}(?P=s)[0-9]{4}(?P=s)"
     + r"(?:[0-9]{4}(?:(?P=s)[0-9]{1,3})?|[0-9]{1,3})"
     + _NOT_AFTER
     + r"(?!(?P=s)[0-9])"
@@ -490,12 +530,29 @@ _MOBILE_REST = (
     + _NOT_AFTER
 )
 
+# Internationalised TLDs in Han / kana / Hangul script.  Chinese text has no spaces, so after
+# "医院.中国" the next word follows directly: these TLDs are matched from a closed list (longest
+# first) instead of as "all following letters".  Other non-ASCII TLDs (рф, ελ, ...) are letters.
+_CJK_TLDS = (
+    "中国", "中國", "公司", "网络", "網絡", "香港", "台湾", "台灣", "澳門", "澳门", "新加坡", "在线",
+    "集团", "政务", "政府", "公益", "商城", "商店", "商标", "网址", "网店", "网站", "移动", "手机",
+    "信息", "游戏", "企业", "娱乐", "时尚", "购物", "健康", "餐厅", "广东", "佛山", "我爱你", "机构",
+    "组织机构", "世界", "八卦", "慈善", "招聘", "中信", "中文网", "コム", "みんな", "한국", "닷컴",
+    "닷넷", "삼성",
+)  # fmt: skip
+_CJK_RANGES = "\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
+
 # "@" and the domain; _EmailDetector reads the local part (A-Z a-z 0-9 . _ % + -) backwards.
+# A label is either CJK only or free of CJK (ASCII, Latin, Cyrillic, ... letters, digits, "-"),
+# so "x@qq.com请发送至y.z@..." does not read "com请发送至y" as a label.
 _EMAIL_DOMAIN_PATTERN = (
-    # labels: letters/digits of any script (IDN) and hyphens; "_" is rejected by the validator
-    r"@(?:[\w\-]{1,63}\.){1,8}"
-    # TLD: ASCII letters (may touch CJK text), or non-ASCII letters only (IDN TLD like 中国)
-    + r"(?:[A-Za-z]{2,63}(?![A-Za-z0-9\-])|(?:(?![A-Za-z])[^\W\d_]){2,63}(?![\w\-]))"
+    rf"@(?:(?:(?:[A-Za-z0-9\-]|(?![{_CJK_RANGES}])[^\W_]){{1,63}}|[{_CJK_RANGES}]{{1,63}})\.){{1,8}}"
+    # TLD: ASCII letters (may touch CJK text), a known CJK TLD, or other non-ASCII letters
+    + r"(?:[A-Za-z]{2,63}(?![A-Za-z0-9\-])"
+    + "|(?:"
+    + "|".join(sorted(_CJK_TLDS, key=len, reverse=True))
+    + ")"
+    + rf"|(?:(?![A-Za-z{_CJK_RANGES}])[^\W\d_]){{2,63}}(?![\w\-]))"
 )
 
 
@@ -537,15 +594,19 @@ _SSN_REST = (
 
 _BUILTINS: dict[str, RegexDetector] = {
     "CN_RESIDENT_ID": _TokenDetector(
-        "CN_RESIDENT_ID", _ID_FIRST, _ID_REST, _v.is_cn_resident_id
+        "CN_RESIDENT_ID", _ID_FIRST, _ID_REST, _v.is_cn_resident_id, ("[0-9]", 16)
     ),
-    "BANK_CARD": _TokenDetector("BANK_CARD", _CARD_FIRST, _CARD_REST, _v.is_bank_card),
-    "CN_MOBILE": _TokenDetector("CN_MOBILE", _MOBILE_FIRST, _MOBILE_REST, _v.is_cn_mobile),
+    "BANK_CARD": _TokenDetector(
+        "BANK_CARD", _CARD_FIRST, _CARD_REST, _v.is_bank_card, (r"[0-9 \-]", 12)
+    ),
+    "CN_MOBILE": _TokenDetector(
+        "CN_MOBILE", _MOBILE_FIRST, _MOBILE_REST, _v.is_cn_mobile, (r"[0-9 \-]", 10)
+    ),
     "EMAIL": _EmailDetector("EMAIL", _EMAIL_DOMAIN_PATTERN, _is_email),
-    "IPV4": _TokenDetector("IPV4", _IPV4_FIRST, _IPV4_REST, _v.is_ipv4),
+    "IPV4": _TokenDetector("IPV4", _IPV4_FIRST, _IPV4_REST, _v.is_ipv4, (r"[0-9.]", 6)),
     "IPV6": _Ipv6Detector("IPV6", _IPV6_PATTERN, _v.is_ipv6),
-    "IBAN": _IbanDetector("IBAN", _IBAN_FIRST, _IBAN_REST, _v.is_iban),
-    "US_SSN": _TokenDetector("US_SSN", _SSN_FIRST, _SSN_REST, _v.is_us_ssn),
+    "IBAN": _IbanDetector("IBAN", _IBAN_FIRST, _IBAN_REST, _v.is_iban, ("[0-9A-Z ]", 14)),
+    "US_SSN": _TokenDetector("US_SSN", _SSN_FIRST, _SSN_REST, _v.is_us_ssn, (r"[0-9 \-]", 10)),
 }
 
 

@@ -436,9 +436,14 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import logging
     import tempfile
 
     from sovra import demo
+
+    # The demo prints what the app and the broker saw; per-request HTTP client logs are noise.
+    for name in ("httpx", "httpx2", "openai"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     with contextlib.ExitStack() as scope:
         state_dir = args.state_dir or Path(scope.enter_context(tempfile.TemporaryDirectory()))

@@ -438,14 +438,6 @@ def _render(rng: random.Random, template: str, text: list[str], gold: Gold, pos:
             value = GENERATORS[piece](rng)
             if piece == "CN_MOBILE" and rng.random() < 0.05 and template[0] > "\u3000":
                 value = value.translate(_FULLWIDTH)  # full-width digits typed with a CJK IME
-            following = pieces[i + 1] if i + 1 < len(pieces) else ""
-            if piece == "EMAIL" and not value[-1].isascii() and following[:1].isalnum():
-                following = " "  # an IDN TLD glued to CJK text would be ambiguous
-                text.append(value)
-                gold.append((piece, pos, pos + len(value)))
-                text.append(following)
-                pos += len(value) + 1
-                continue
             gold.append((piece, pos, pos + len(value)))
         elif piece in NEAR_MISSES:
             value = NEAR_MISSES[piece](rng)
@@ -472,14 +464,20 @@ def build_corpus(
         pos = 0
         for k in range(rng.randrange(1, 5)):
             template = rng.choice(_PROSE if rng.random() < prose else _TEMPLATES)
+            sentence: list[str] = []
+            spans: Gold = []
+            _render(rng, template, sentence, spans, 0)
+            body = "".join(sentence)
             if k:
                 sep = rng.choice((" ", "", "\n"))
-                last = next((piece[-1] for piece in reversed(text) if piece), "")
-                if not sep and (last.isalnum() or last == ".") and template[0].isalnum():
+                last, first = text[-1][-1], body[0]
+                if not sep and (last.isalnum() or last == ".") and first.isascii():
                     sep = " "  # do not glue a trailing value to the next sentence's first word
                 text.append(sep)
                 pos += len(sep)
-            pos = _render(rng, template, text, gold, pos)
+            gold.extend((etype, pos + start, pos + end) for etype, start, end in spans)
+            text.append(body)
+            pos += len(body)
         corpus.append(("".join(text), gold))
     return corpus
 

@@ -529,6 +529,7 @@ def test_chat_is_sealed_to_verified_enclaves_and_answered(
     assert record["policy_id"].startswith("config:")
     assert record["served_by"] in {"e1", "e2", "e3"}
     assert {e["id"] for e in record["enclaves"]} == {"e1", "e2", "e3"}
+    assert all(e["simulated"] is True for e in record["enclaves"])  # labelled as simulation
 
     lines = [r.getMessage() for r in caplog.records if r.name == "sovra.edge"]
     assert any(f"rid={rid}" in line and "status=200" in line for line in lines)
@@ -1147,3 +1148,20 @@ def test_serve_reports_a_port_in_use(tmp_path: Path, pki: Path, vendor: Vendor) 
         path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
         with pytest.raises(EdgeStartError, match="did not start listening"):
             serve(EdgeConfig.from_toml(path))
+
+
+def test_unexpected_exceptions_become_a_500_error_object() -> None:
+    from edge_agent.app import RequestLogMiddleware
+
+    async def broken_app(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError(f"boom {SECRET}")
+
+    async def scenario() -> httpx.Response:
+        transport = httpx.ASGITransport(app=RequestLogMiddleware(broken_app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://edge") as client:
+            return await client.get("/v1/models")
+
+    resp = asyncio.run(scenario())
+    assert resp.status_code == 500
+    assert resp.json()["error"]["code"] == "internal_error"
+    assert SECRET not in resp.text

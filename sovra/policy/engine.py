@@ -358,9 +358,7 @@ class _Matcher:
         }
         # index rank + 1: rules whose max_class allows data of that rank (index 0: nothing found)
         self.max_ok = [
-            having(
-                lambda r, k=k: r.match.max_class is None or self.rank[r.match.max_class] >= k
-            )
+            having(lambda r, k=k: r.match.max_class is None or self.rank[r.match.max_class] >= k)
             for k in range(-1, len(spec.classes))
         ]
         self.effects = [(e, having(lambda r, e=e: r.effect is e)) for e in EFFECT_PRECEDENCE]
@@ -491,9 +489,11 @@ class Policy:
         matched = pair & matcher.models.get(model, matcher.other_models) & class_mask
         if not matched:
             return self._deny("no rule matched; deny by default", classification)
-        for effect, effect_mask in matcher.effects:
+        effect, winners = Effect.DENY, 0
+        for candidate, effect_mask in matcher.effects:
             winners = matched & effect_mask
             if winners:
+                effect = candidate
                 break
         index = (winners & -winners).bit_length() - 1
         rule = self._rules[index]
@@ -544,8 +544,9 @@ class Policy:
             purpose=purpose,
             model=model,
             classes=frozenset(classification.classes),
-            max_rank=max((self._rank.get(c, len(self._rank)) for c in classification.classes),
-                         default=-1),
+            max_rank=max(
+                (self._rank.get(c, len(self._rank)) for c in classification.classes), default=-1
+            ),
         )
         pre: Result = _OK
         if (app, purpose) not in self._matcher.pairs:

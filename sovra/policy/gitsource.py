@@ -89,7 +89,9 @@ class CommitInfo:
         }
 
 
-def _git(repo: str | os.PathLike[str], *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def _git(
+    repo: str | os.PathLike[str], *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     # A clean environment: no GIT_DIR & co. from the caller, no system config, C locale (the
     # output of verify-commit is parsed), never prompt.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
@@ -177,7 +179,7 @@ def read_commit_files(
         if not entry:
             continue
         meta, _, raw_name = entry.partition(b"\t")
-        mode, kind, oid, size = meta.decode("ascii").split()
+        mode, kind, oid, size_text = meta.decode("ascii").split()
         name = raw_name.decode("utf-8", "surrogateescape")
         if not name.startswith(prefix):
             continue
@@ -190,15 +192,19 @@ def read_commit_files(
             continue
         if mode == "120000":
             raise PolicyRefused(f"policy file {_short(rel)} is a symbolic link", commit)
-        if int(size) > MAX_FILE_BYTES:
+        if int(size_text) > MAX_FILE_BYTES:
             raise PolicyRefused(f"policy file {_short(rel)} exceeds {MAX_FILE_BYTES} bytes", commit)
-        wanted.append((rel, oid, int(size)))
+        wanted.append((rel, oid, int(size_text)))
     if not wanted:
         where = "the repository root" if not prefix else _short(prefix)
         raise PolicyRefused(f"commit {commit[:12]} has no policy files under {where}", commit)
     if len(wanted) > MAX_FILES or sum(s for _, _, s in wanted) > MAX_TOTAL_BYTES:
-        raise PolicyRefused(f"commit {commit[:12]} holds too many or too large policy files", commit)
-    batch = _git(repo, "cat-file", "--batch", stdin="".join(f"{o}\n" for _, o, _ in wanted).encode())
+        raise PolicyRefused(
+            f"commit {commit[:12]} holds too many or too large policy files", commit
+        )
+    batch = _git(
+        repo, "cat-file", "--batch", stdin="".join(f"{o}\n" for _, o, _ in wanted).encode()
+    )
     if batch.returncode != 0:
         raise PolicyRefused(f"cannot read the policy files of commit {commit[:12]}", commit)
     files: dict[str, bytes] = {}
@@ -207,7 +213,9 @@ def read_commit_files(
         header_end = data.index(b"\n", offset)
         header = data[offset:header_end].decode("ascii").split()
         if header[:3] != [oid, "blob", str(size)]:
-            raise PolicyRefused(f"unexpected object for {_short(rel)} in commit {commit[:12]}", commit)
+            raise PolicyRefused(
+                f"unexpected object for {_short(rel)} in commit {commit[:12]}", commit
+            )
         start = header_end + 1
         files[rel] = data[start : start + size]
         offset = start + size + 1

@@ -454,7 +454,10 @@ class _Walker:
                 if not isinstance(key, str):
                     self.problems.items.append(
                         PolicyProblem(
-                            self.file.name, line, format_path(path), "mapping keys must be strings"
+                            self.file.name,
+                            line,
+                            format_path(path),
+                            _wrong_type("a string key", key),
                         )
                     )
                     continue

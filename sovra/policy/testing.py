@@ -94,7 +94,9 @@ def run_case(policy: Policy, case: PolicyTestCase) -> CaseResult:
         want = {t: n for t, n in expect.entities.items() if n}
         got = dict(classification.entity_counts)
         if want != got:
-            failures.append(f"expected entities {dict(sorted(want.items()))}, got {dict(sorted(got.items()))}")
+            failures.append(
+                f"expected entities {dict(sorted(want.items()))}, got {dict(sorted(got.items()))}"
+            )
     return CaseResult(
         case.name,
         not failures,
@@ -107,6 +109,4 @@ def run_case(policy: Policy, case: PolicyTestCase) -> CaseResult:
 
 def run_tests(policy: Policy) -> PolicyTestReport:
     """Run every test case of ``policy``, in file order."""
-    return PolicyTestReport(
-        policy.id, tuple(run_case(policy, case) for case in policy.spec.tests)
-    )
+    return PolicyTestReport(policy.id, tuple(run_case(policy, case) for case in policy.spec.tests))
