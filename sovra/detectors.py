@@ -331,56 +331,46 @@ class _EmailDetector(_BuiltinDetector):
 class _TokenGate:
     """One scan for several token detectors instead of one scan each.
 
-    The gate is ``[all first chars](boundary)(guard)(?:(?P<_0>rest_0)|(?P<_1>rest_1)|...)``: it
-    matches exactly at the positions where at least one member pattern matches.  At each such
-    position the members are matched individually (members listed before the branch that
-    matched cannot match there), and each member resumes where its own previous match let it,
-    so the result per member is identical to running that member alone.
+    The gate is ``[all first chars](boundary)(guard)`` followed, for every member ``i``, by an
+    optional look-ahead capture ``(?:(?=(?P<_i>rest_i))|)`` and a final condition that at least
+    one of them matched.  So it matches exactly at the positions where some member pattern
+    matches, and one match object tells which members match there and where each match ends
+    (a look-ahead follows the same path through ``rest_i`` as the member's own pattern).  Each
+    member resumes where its own previous match let it, so the result per member is identical
+    to running that member alone.
     """
 
     def __init__(self, members: tuple[_TokenDetector, ...]) -> None:
         union = _ascii_class(frozenset().union(*(m._first_chars for m in members)))
         guard_class = _ascii_class(frozenset().union(*(m._guard_chars for m in members)))
         guard = f"(?={guard_class}{{{min(m._guard_length for m in members)}}})"
-        branches = []
+        captures, any_matched = [], "(?!)"
         for i, member in enumerate(members):
             rest = member._rest.replace("(?P<", f"(?P<_{i}_").replace("(?P=", f"(?P=_{i}_")
-            branches.append(f"(?P<_{i}>(?<={member._first}){rest})")
-        self._gate = re.compile(_lead(union) + guard + "(?:" + "|".join(branches) + ")")
-        self._branch_of_group = {self._gate.groupindex[f"_{i}"]: i for i in range(len(members))}
+            captures.append(f"(?:(?=(?P<_{i}>(?<={member._first}){rest}))|)")
+            any_matched = f"(?(_{i})|{any_matched})"
+        self._gate = re.compile(_lead(union) + guard + "".join(captures) + any_matched)
+        self._groups = tuple(self._gate.groupindex[f"_{i}"] for i in range(len(members)))
         self._members = members
 
     def scan(self, text: str, scan: str) -> list[list[Finding]]:
         members = self._members
-        n = len(members)
         found: list[list[Finding]] = [[] for _ in members]
-        resume = [0] * n
-        matchers = [m._regex.match for m in members]
-        firsts = [m._first_chars for m in members]
-        branch_of_group, search = self._branch_of_group, self._gate.search
+        resume = [0] * len(members)
+        slots = tuple(enumerate(zip(self._groups, members, found, strict=True)))
+        search = self._gate.search
         hit = search(scan)
         while hit is not None:
             pos = hit.start()
-            first = branch_of_group[hit.lastindex or 0]
-            for i in range(first, n):
-                if pos < resume[i]:
+            spans = hit.regs
+            for i, (group, member, out) in slots:
+                end = spans[group][1]
+                if end < 0 or pos < resume[i]:
                     continue
-                if i == first:
-                    end = hit.end()
-                else:
-                    if scan[pos] not in firsts[i]:
-                        continue
-                    match = matchers[i](scan, pos)
-                    if match is None:
-                        continue
-                    end = match.end()
-                member = members[i]
                 length, consumed = member._check(scan[pos:end])
                 resume[i] = pos + max(consumed, 1)
                 if length:
-                    found[i].append(
-                        Finding(member.entity_type, pos, pos + length, text[pos : pos + length])
-                    )
+                    out.append(Finding(member.entity_type, pos, pos + length, text[pos : pos + length]))
             hit = search(scan, pos + 1)
         return found
 

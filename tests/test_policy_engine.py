@@ -162,8 +162,7 @@ def test_pseudonymise_beats_allow_and_first_rule_of_winning_effect_decides(
 
 
 def test_default_deny(policy: Policy) -> None:
-    # app-a training with nothing sensitive: only a-clean could match, and it does (no purpose
-    # condition).  Restrict to show the default: app-b training is not allowed at all.
+    # app-b may not use the training purpose at all
     decision = decide(policy, "app-b", "training", "m1", "hello")
     assert decision.effect is Effect.DENY and decision.rule_id is None
     assert "not allowed for application 'app-b'" in decision.reason
@@ -210,9 +209,7 @@ def test_classification_from_another_policy_is_denied(policy: Policy) -> None:
 def test_decide_is_pure(policy: Policy) -> None:
     classification = policy.classify(f"{EMAIL} 10.0.0.1")
     first = policy.decide("app-a", "inference", "m1", classification)
-    assert all(
-        policy.decide("app-a", "inference", "m1", classification) == first for _ in range(3)
-    )
+    assert all(policy.decide("app-a", "inference", "m1", classification) == first for _ in range(3))
 
 
 def test_outbound_text(policy: Policy) -> None:
@@ -274,7 +271,7 @@ def test_bytes_and_binary_input(policy: Policy) -> None:
 
 def test_all_of_and_any_of() -> None:
     facts = RequestFacts("a", "inference", "m", frozenset(), -1)
-    assert not AllOf(())  .verify(facts)
+    assert not AllOf(()).verify(facts)
     assert isinstance(AllOf(()).verify(facts), Failure)
     assert isinstance(AnyOf(()).verify(facts), Failure)
     yes, no = ApplicationIn(frozenset({"a"})), ApplicationIn(frozenset({"b"}))

@@ -49,8 +49,10 @@ def test_consistent_across_turns_of_a_conversation() -> None:
     assert first == "ID <CN_RESIDENT_ID_1>"
     assert second == "again <CN_RESIDENT_ID_1> and <CN_RESIDENT_ID_2>"
     # a new conversation starts its own numbering
-    assert Pseudonymiser().pseudonymise(second_text, findings(second_text)).endswith(
-        "<CN_RESIDENT_ID_1> and <CN_RESIDENT_ID_2>"
+    assert (
+        Pseudonymiser()
+        .pseudonymise(second_text, findings(second_text))
+        .endswith("<CN_RESIDENT_ID_1> and <CN_RESIDENT_ID_2>")
     )
 
 
@@ -58,7 +60,9 @@ def test_restore_leaves_unknown_and_malformed_placeholders() -> None:
     conversation = Pseudonymiser()
     conversation.pseudonymise(EMAIL, findings(EMAIL))
     text = "<EMAIL_1> <EMAIL_2> <email_1> <EMAIL_1 <EMAIL_01> a<b> x < y"
-    assert conversation.restore(text) == f"{EMAIL} <EMAIL_2> <email_1> <EMAIL_1 <EMAIL_01> a<b> x < y"
+    assert (
+        conversation.restore(text) == f"{EMAIL} <EMAIL_2> <email_1> <EMAIL_1 <EMAIL_01> a<b> x < y"
+    )
 
 
 def test_findings_must_match_the_text_and_errors_do_not_leak() -> None:

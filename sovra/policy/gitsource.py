@@ -119,6 +119,10 @@ def resolve_commit(repo: str | os.PathLike[str], rev: str) -> str:
         raise PolicyRefused(f"repository {_short(os.fspath(repo))} is not a directory")
     proc = _git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}")
     commit = proc.stdout.decode("ascii", "replace").strip()
+    if b"dubious ownership" in proc.stderr:
+        raise PolicyRefused(
+            "git refuses the repository: it is owned by another user (see git's safe.directory)"
+        )
     if proc.returncode != 0 or not _COMMIT_ID.fullmatch(commit):
         raise PolicyRefused(f"revision {_short(rev)} does not name a commit in the repository")
     return commit

@@ -1018,7 +1018,7 @@ class _Builder:
         apps = names("applications", _NAME, applications, "application")
         purps = names("purposes", _NAME, purposes, "purpose")
         models = names("models", _MODEL, None, "model")
-        present = names("classes_present", _NAME, classes or (), "class")
+        present = names("classes_present", _NAME, classes, "class")
         max_class: str | None = None
         if "max_class" in item:
             max_class = self.r.string(loc.sub("max_class"), item["max_class"], _NAME, "class name")
@@ -1202,12 +1202,9 @@ class _Builder:
             text = self.r.text(loc.sub("text"), item["text"]) if "text" in item else None
             labels: tuple[str, ...] | None = ()
             if "labels" in item:
-                labels = self.r.refs(
-                    loc.sub("labels"),
-                    self.r.string_list(loc.sub("labels"), item["labels"], _NAME, "class"),
-                    classes or (),
-                    "class",
-                )
+                labels = self.r.string_list(loc.sub("labels"), item["labels"], _NAME, "class")
+                if classes is not None:
+                    labels = self.r.refs(loc.sub("labels"), labels, classes, "class")
             expect = None
             if "expect" in item:
                 expect = self._expect(loc.sub("expect"), item["expect"], rule_ids, entity_types)
