@@ -85,14 +85,23 @@ def latencies(client: httpx.Client, url: str, model: str, n: int) -> list[float]
 
 
 def throughput(url: str, headers: dict[str, str], model: str, n: int, workers: int) -> float:
-    def one(_: int) -> None:
-        with httpx.Client(headers=headers, timeout=60) as c:
-            c.post(url + "/chat/completions", json=chat_body(model)).raise_for_status()
+    """Requests per second with `workers` concurrent keep-alive clients (made before timing)."""
+    clients = [httpx.Client(headers=headers, timeout=60) for _ in range(workers)]
 
-    t0 = time.perf_counter()
-    with futures.ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, range(n)))
-    return n / (time.perf_counter() - t0)
+    def worker(client: httpx.Client, count: int) -> None:
+        for _ in range(count):
+            client.post(url + "/chat/completions", json=chat_body(model)).raise_for_status()
+
+    try:
+        for c in clients:  # open each connection before the clock starts
+            worker(c, 1)
+        t0 = time.perf_counter()
+        with futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(worker, clients, [n // workers] * workers))
+        return (n // workers) * workers / (time.perf_counter() - t0)
+    finally:
+        for c in clients:
+            c.close()
 
 
 def stream_chunk_ms(client: httpx.Client, url: str, model: str, n: int) -> tuple[float, float]:
