@@ -5,8 +5,9 @@ An empty ``AllOf`` fails: a policy that checks nothing must never accept. ``Unsa
 everything and warns on every use; it exists for experiments, never for deployments.
 
 The combinators are generic over the claims type: the checks in this module judge simulated
-evidence (:class:`~attestation.sim.SimClaims`); :mod:`attestation.cca_appraisal` composes the
-same combinators over Arm CCA tokens.
+evidence, the CVM report (:class:`~attestation.sim.SimClaims`, :func:`policy_for`) and the NPU
+reports of the composite (:class:`~attestation.sim.SimEvidence`, :func:`npu_policy_for`);
+:mod:`attestation.cca_appraisal` composes the same combinators over Arm CCA tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from attestation.errors import EvidenceMalformed
-from attestation.reference_values import ReferenceValues, is_revoked_certificate
-from attestation.sim import SimClaims, report_data
+from attestation.reference_values import (
+    ReferenceValues,
+    firmware_at_least,
+    is_revoked_certificate,
+)
+from attestation.sim import SimClaims, SimEvidence, report_data
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +202,75 @@ class DeviceCertsNotRevoked:
 
 
 def sim_device_chain(evidence: bytes) -> list[x509.Certificate]:
-    """The certificates carried by ``sovra-sim-tee/1`` evidence, device certificate first.
+    """The certificates carried by the CVM report of ``sovra-sim-tee/2`` evidence, device
+    certificate first (each NPU report carries its own; see ``SimEvidence.certificates``).
 
     Only parses; call it on evidence that :func:`attestation.sim.verify_evidence` accepted.
     """
     try:
         obj = cbor2.loads(evidence)
-        ders = obj[3]
+        ders = obj[1][2]
         return [x509.load_der_x509_certificate(d) for d in ders]
     except (cbor2.CBORDecodeError, ValueError, TypeError, IndexError, KeyError):
         raise EvidenceMalformed(
             "sim evidence does not carry a parsable certificate chain"
         ) from None
+
+
+# --------------------------------------------------------------------------- NPU reports
+
+
+@dataclass(frozen=True)
+class NpuNotRevoked:
+    """No NPU measurement is on ``revoked_measurements`` (the list covers every measurement)."""
+
+    revoked: frozenset[str]
+
+    def verify(self, evidence: SimEvidence) -> Result:
+        for npu in evidence.npus:
+            if npu.measurement.lower() in self.revoked:
+                return Failure(f"NPU {npu.index} measurement {npu.measurement[:16]}... is revoked")
+        return Success()
+
+
+@dataclass(frozen=True)
+class NpuFirmwareAtLeast:
+    """Every NPU runs at least ``min_npu_firmware`` (numeric comparison; ``None``: no minimum)."""
+
+    minimum: str | None
+
+    def verify(self, evidence: SimEvidence) -> Result:
+        if self.minimum is None:
+            return Success()
+        for npu in evidence.npus:
+            ok = firmware_at_least(npu.firmware_version, self.minimum)
+            if ok is None:
+                return Failure(
+                    f"NPU {npu.index} firmware version {npu.firmware_version[:32]!r} cannot be "
+                    f"compared with min_npu_firmware {self.minimum!r}"
+                )
+            if not ok:
+                return Failure(
+                    f"NPU {npu.index} firmware {npu.firmware_version} is older than "
+                    f"min_npu_firmware {self.minimum}"
+                )
+        return Success()
+
+
+@dataclass(frozen=True)
+class NpuMeasurementAccepted:
+    """Every NPU's firmware measurement is one of ``npu_measurements``."""
+
+    accepted: frozenset[str]
+
+    def verify(self, evidence: SimEvidence) -> Result:
+        for npu in evidence.npus:
+            if npu.measurement.lower() not in self.accepted:
+                return Failure(
+                    f"NPU {npu.index} measurement {npu.measurement[:16]}... is not a reference "
+                    "value (npu_measurements)"
+                )
+        return Success()
 
 
 def policy_for(rv: ReferenceValues) -> AllOf[SimClaims]:
@@ -219,5 +281,16 @@ def policy_for(rv: ReferenceValues) -> AllOf[SimClaims]:
             TeeTypeAccepted(rv.tee_types),
             NotRevoked(rv.revoked_measurements),
             MeasurementAccepted(rv.measurements),
+        ]
+    )
+
+
+def npu_policy_for(rv: ReferenceValues) -> AllOf[SimEvidence]:
+    """The appraisal of the NPU reports of composite sim evidence."""
+    return AllOf(
+        [
+            NpuNotRevoked(rv.revoked_measurements),
+            NpuFirmwareAtLeast(rv.min_npu_firmware),
+            NpuMeasurementAccepted(rv.npu_measurements),
         ]
     )

@@ -448,6 +448,19 @@ def verify_cca_token(
     return CCAToken(platform=platform, realm=realm, collection_tag=tag)
 
 
+def parse_cca_token_unverified(token: bytes) -> CCAToken:
+    """Decode a CCA token's claims WITHOUT checking any signature or binding.
+
+    Only for an attester reading the token its own kernel just produced (to learn its own realm
+    initial measurement); a relying party must use :func:`verify_cca_token`. Raises
+    :class:`CCAError` for a malformed token.
+    """
+    tag, platform_bytes, realm_bytes = _unwrap_collection(token)
+    platform = _platform_claims(parse_cose_sign1(platform_bytes, "platform").payload)
+    realm = _realm_claims(parse_cose_sign1(realm_bytes, "realm").payload)
+    return CCAToken(platform=platform, realm=realm, collection_tag=tag)
+
+
 # --------------------------------------------------------------------------- trust anchors
 
 _JWK_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {

@@ -46,10 +46,10 @@ from attestation.errors import (
     UntrustedChain,
 )
 from attestation.reference_values import CcaReferenceValues, ReferenceValues
-from attestation.verifier import STATUS_AFFIRMING, AttestationResult
+from attestation.verifier import CCA_TOKEN_FORMAT, STATUS_AFFIRMING, AttestationResult
 
 CCA_TEE_TYPE: Final = "arm-cca"
-CCA_FORMAT: Final = "arm-cca-token"
+CCA_FORMAT: Final = CCA_TOKEN_FORMAT
 
 # PSA / CCA security lifecycle major states (the low byte is implementation defined).
 _LIFECYCLE_NAMES: Final = {

@@ -5,8 +5,8 @@
 
 * ``cca``: an Arm CCA token (CBOR). Trust anchor: the platform key(s) as PEM public key or
   certificate, JWK, JWK Set or Veraison trust-anchor list.
-* ``sim``: ``sovra-sim-tee/1`` evidence (SIMULATED, no hardware). Trust anchor: the simulated
-  vendor root CA certificate (PEM).
+* ``sim``: ``sovra-sim-tee/2`` evidence (SIMULATED CVM + NPU composite, no hardware). Trust
+  anchor: the simulated vendor root CA certificate (PEM).
 
 ``--trust-anchor`` may be left out when the reference values name anchors (``cca.platform_keys``
 or ``trust_anchors.sim_vendor_roots``); when both are given the evidence must verify with both.
@@ -159,21 +159,21 @@ def _verify_sim(
             "no trust anchor: give --trust-anchor, or reference values with "
             "trust_anchors.sim_vendor_roots"
         )
-    claims = None
+    evidence_claims = None
     for source, roots in root_sets:
         try:
-            claims = sim.verify_evidence(evidence, roots)
+            evidence_claims = sim.verify_evidence(evidence, roots)
         except AttestationError as exc:
             raise _Refused(f"{exc} [trust anchors: {source}]", type(exc).__name__) from None
-    assert claims is not None
-    out.update(verified=True, claims=_sim_claims_json(claims))
+    assert evidence_claims is not None
+    claims = evidence_claims.cvm
+    out.update(verified=True, claims=_sim_claims_json(evidence_claims))
     if rv is None:
         return
     out["reference_values"] = rv.source
     if rv.revoked_device_certs:
-        chain = appraisal.sim_device_chain(evidence)
         revoked = appraisal.DeviceCertsNotRevoked(rv.revoked_device_certs).verify_certificates(
-            chain
+            evidence_claims.certificates
         )
         if isinstance(revoked, appraisal.Failure):
             raise _Refused(revoked.reason, UntrustedChain.__name__)
@@ -184,6 +184,9 @@ def _verify_sim(
     verdict = appraisal.policy_for(rv).verify(claims)
     if isinstance(verdict, appraisal.Failure):
         raise _Refused(verdict.reason, AppraisalFailed.__name__)
+    npu_verdict = appraisal.npu_policy_for(rv).verify(evidence_claims)
+    if isinstance(npu_verdict, appraisal.Failure):
+        raise _Refused(npu_verdict.reason, AppraisalFailed.__name__)
     out.update(
         appraised=True,
         status="affirming",
@@ -191,10 +194,15 @@ def _verify_sim(
     )
 
 
-def _sim_claims_json(claims: sim.SimClaims) -> dict[str, Any]:
-    data = asdict(claims)
+def _sim_claims_json(evidence: sim.SimEvidence) -> dict[str, Any]:
+    data = asdict(evidence.cvm)
     data["platform"] = sim.SIM_PLATFORM_LABEL
-    return {k: v.hex() if isinstance(v, bytes) else v for k, v in data.items()}
+    out = {k: v.hex() if isinstance(v, bytes) else v for k, v in data.items()}
+    out["npu_reports"] = [
+        {k: v.hex() if isinstance(v, bytes) else v for k, v in asdict(npu).items()}
+        for npu in evidence.npus
+    ]
+    return out
 
 
 def _load_roots(path: Path) -> list[x509.Certificate]:

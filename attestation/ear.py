@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestation.errors import AttestationError
@@ -74,7 +75,7 @@ TRUST_CLAIMS: Final = (
     "storage-opaque",
     "sourced-data",
 )
-SUBMODS: Final = ("cpu", "npu0")
+SUBMODS: Final = ("cpu", "npu0")  # always present; more NPUs add npu1, npu2, ...
 
 # Severity used for "worst": a submod nothing was appraised for ranks below a warning.
 _SEVERITY: Final = {AFFIRMING: 0, WARNING: 1, NONE: 2, CONTRAINDICATED: 3}
@@ -213,20 +214,23 @@ class EarClaims:
 
 
 def trust_vectors(result: AttestationResult) -> dict[str, dict[str, int]]:
-    """The AR4SI vectors Sovra asserts for ``cpu`` and ``npu0`` given one appraisal result.
+    """The AR4SI vectors Sovra asserts for ``cpu`` and each ``npu<i>`` given one result.
 
     ``cpu`` (the confidential VM): the device/platform key chained to a vendor root
     (instance-identity), the reference values accepted its TEE type and policy (configuration)
     and its measurement (executables); hardware and runtime-opaque are affirming only on real
-    hardware. ``npu0``: simulated evidence covers the simulated "CVM+NPU" as one device, so the
-    NPU gets the same identity and warning-level hardware claims; real CCA evidence says nothing
-    about the NPU, so its claims are 0 (none) unless the caller adds NPU evidence through
-    ``submods_extra``.
+    hardware. ``npu<i>``, one per NPU report the result carries (composite sim evidence): its
+    device key chained to the vendor root and its report bound to the CVM report
+    (instance-identity), its firmware measurement accepted (executables), its firmware at least
+    ``min_npu_firmware`` (configuration, only when a minimum was enforced); hardware and
+    runtime-opaque as for the CPU. A result without NPU evidence (real CCA tokens say nothing
+    about the NPU) gets ``npu0`` with all claims 0 (none), unless the caller adds NPU evidence
+    through ``submods_extra``.
     """
     blank = dict.fromkeys(TRUST_CLAIMS, TIER_NONE)
-    cpu, npu = dict(blank), dict(blank)
+    cpu = dict(blank)
+    hw = TIER_WARNING if result.simulated else TIER_AFFIRMING
     if result.status == AFFIRMING:
-        hw = TIER_WARNING if result.simulated else TIER_AFFIRMING
         cpu.update(
             {
                 "instance-identity": TIER_AFFIRMING,
@@ -236,15 +240,32 @@ def trust_vectors(result: AttestationResult) -> dict[str, dict[str, int]]:
                 "runtime-opaque": hw,
             }
         )
-        if result.simulated:
-            npu.update({"instance-identity": TIER_AFFIRMING, "hardware": hw, "runtime-opaque": hw})
     elif result.status in (WARNING, CONTRAINDICATED):
         tier = TIER_WARNING if result.status == WARNING else TIER_CONTRAINDICATED
         for claim in ("instance-identity", "configuration", "executables", "hardware"):
             cpu[claim] = tier
-        if result.simulated:
-            npu["hardware"] = tier
-    return {"cpu": cpu, "npu0": npu}
+    vectors = {"cpu": cpu}
+    if not result.npus:
+        vectors["npu0"] = dict(blank)
+    for npu in result.npus:
+        vector = dict(blank)
+        if result.status == AFFIRMING:
+            vector.update(
+                {
+                    "instance-identity": TIER_AFFIRMING,
+                    "executables": TIER_AFFIRMING,
+                    "hardware": hw,
+                    "runtime-opaque": hw,
+                }
+            )
+            if npu.min_firmware:
+                vector["configuration"] = TIER_AFFIRMING
+        elif result.status in (WARNING, CONTRAINDICATED):
+            tier = TIER_WARNING if result.status == WARNING else TIER_CONTRAINDICATED
+            for claim in ("instance-identity", "executables", "hardware"):
+                vector[claim] = tier
+        vectors[f"npu{npu.index}"] = vector
+    return vectors
 
 
 def issue_ear(
@@ -258,7 +279,7 @@ def issue_ear(
 ) -> str:
     """Sign an EAR JWT (ES256) for ``result``.
 
-    ``submods_extra`` maps a submod name (``cpu``, ``npu0`` or a new one) to extra claims merged
+    ``submods_extra`` maps a submod name (``cpu``, ``npu<i>`` or a new one) to extra claims merged
     into it; an ``ear.trustworthiness-vector`` there is merged claim by claim. A submod's
     ``ear.status`` is recomputed from its vector and can only be made worse, never better, by an
     explicit ``ear.status`` in the extras. ``exp`` is the result's expiry, capped at
@@ -283,7 +304,7 @@ def issue_ear(
 
     vectors = trust_vectors(result)
     submods: dict[str, dict[str, Any]] = {}
-    names = list(SUBMODS) + [n for n in (submods_extra or {}) if n not in SUBMODS]
+    names = list(vectors) + [n for n in (submods_extra or {}) if n not in vectors]
     for name in names:
         vector = dict(vectors.get(name, dict.fromkeys(TRUST_CLAIMS, TIER_NONE)))
         extra = copy.deepcopy(dict((submods_extra or {}).get(name, {})))
@@ -321,6 +342,26 @@ def issue_ear(
         },
     }
     return jwt.encode(claims, signing_key, algorithm=EAR_ALG, headers={"typ": "JWT"})
+
+
+def public_key_pem(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str:
+    """The verifier's EAR public key as PEM (SubjectPublicKeyInfo), for publishing."""
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def load_public_key_pem(text: str | bytes) -> ec.EllipticCurvePublicKey:
+    """Parse a published EAR verifier key; ``ValueError`` unless it is a P-256 public key."""
+    data = text.encode("ascii", "replace") if isinstance(text, str) else text
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise ValueError("the EAR verifier key is not a PEM public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("the EAR verifier key must be an EC P-256 public key (ES256)")
+    return key
 
 
 # --------------------------------------------------------------------------- verifying

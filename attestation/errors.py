@@ -23,6 +23,11 @@ class KeyBindingMismatch(AttestationError):
     """The evidence does not bind the public key, epoch or nonce it is offered with."""
 
 
+class CompositeBindingMismatch(KeyBindingMismatch):
+    """A device report of composite evidence (an NPU report) is not bound to the CVM report it
+    travels with: it was taken from another CVM's evidence."""
+
+
 class EvidenceStale(AttestationError):
     """The evidence is older than reference values allow, or the bound key has expired."""
 

@@ -11,7 +11,8 @@ trust_anchors:
 # optional, all below
 revoked_measurements: [<hex>, ...]          # refused even when listed under measurements
 revoked_device_certs: [<hex serial or SHA-256 fingerprint>, ...]   # sim device certificates
-min_npu_firmware: "7.1.0"                   # parsed and kept; not yet enforced
+min_npu_firmware: "7.1.0"                   # every NPU report's firmware must be at least this
+npu_measurements: [<hex sha-384>, ...]      # accepted NPU firmware measurements (sim evidence)
 cca:                                        # present = Arm CCA (virtCCA) tokens are accepted
   platform_keys: [cca-platform.pub.pem]     # PEM public keys/certificates, JWK or JWK Set files
   realm_initial_measurements: [<hex>, ...]  # accepted RIMs (claim 44238)
@@ -22,12 +23,19 @@ cca:                                        # present = Arm CCA (virtCCA) tokens
 ```
 
 Everything after ``trust_anchors`` was added later and is optional; files without it load as
-before. See ``docs/attestation.md`` for the full reference.
+before (but without ``npu_measurements`` no NPU is accepted, so simulated ``sovra-sim-tee/2``
+evidence, which always reports its NPUs, is refused). See ``docs/attestation.md``.
+
+:class:`ReferenceValuesFile` re-reads the file when its content changes, so a relying party that
+checks it periodically applies a revocation within one check interval.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from attestation.cca import InvalidTrustAnchor, parse_trust_anchor
 from attestation.errors import ReferenceValuesInvalid
 
+_log = logging.getLogger(__name__)
+
 _KEYS = {
     "version",
     "simulation",
@@ -50,6 +60,7 @@ _KEYS = {
     "revoked_measurements",
     "revoked_device_certs",
     "min_npu_firmware",
+    "npu_measurements",
     "cca",
 }
 _CCA_KEYS = {
@@ -65,6 +76,7 @@ _CCA_KEYS = {
 SECURED_LIFECYCLE: Final = (0x3000, 0x30FF)
 _MAX_SERIAL_HEX: Final = 40  # RFC 5280: serial numbers are at most 20 octets
 _FINGERPRINT_HEX: Final = 64  # SHA-256
+_FIRMWARE_VERSION = re.compile(r"^\d{1,9}(?:\.\d{1,9}){0,3}$")
 _RANGE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*(?:-\s*(0[xX][0-9a-fA-F]+|\d+)\s*)?$")
 
 
@@ -93,6 +105,7 @@ class ReferenceValues:
     revoked_device_certs: frozenset[str] = frozenset()  # normalised lowercase hex
     min_npu_firmware: str | None = None
     cca: CcaReferenceValues | None = None
+    npu_measurements: frozenset[str] = frozenset()  # empty: no NPU is accepted
 
     @classmethod
     def load(cls, path: Path) -> ReferenceValues:
@@ -133,6 +146,11 @@ class ReferenceValues:
         min_fw = doc.get("min_npu_firmware")
         if min_fw is not None and (not isinstance(min_fw, str) or not min_fw.strip()):
             raise bad("min_npu_firmware must be a non-empty string such as '7.1.0'")
+        if min_fw is not None and parse_firmware_version(min_fw) is None:
+            raise bad(
+                f"min_npu_firmware {min_fw!r} is not a version of 1 to 4 dot-separated numbers "
+                "such as '7.1.0'"
+            )
         return cls(
             allow_simulation=simulation == "allow",
             tee_types=frozenset(tee_types),
@@ -144,7 +162,84 @@ class ReferenceValues:
             revoked_device_certs=_cert_ids(doc.get("revoked_device_certs", []), bad),
             min_npu_firmware=min_fw,
             cca=_cca_section(doc["cca"], base, bad) if "cca" in doc else None,
+            npu_measurements=_hex_list(doc, "npu_measurements", bad),
         )
+
+
+def parse_firmware_version(text: str) -> tuple[int, ...] | None:
+    """``"7.1.0"`` -> ``(7, 1, 0)``; ``None`` unless 1 to 4 dot-separated decimal numbers."""
+    if not isinstance(text, str) or not _FIRMWARE_VERSION.match(text.strip()):
+        return None
+    return tuple(int(part) for part in text.strip().split("."))
+
+
+def firmware_at_least(version: str, minimum: str) -> bool | None:
+    """``version >= minimum`` comparing numerically (``7.10 > 7.9``, ``7.1 == 7.1.0``);
+    ``None`` if either is not a version :func:`parse_firmware_version` accepts."""
+    have, need = parse_firmware_version(version), parse_firmware_version(minimum)
+    if have is None or need is None:
+        return None
+    width = max(len(have), len(need))
+    return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
+
+
+class ReferenceValuesFile:
+    """A reference values file kept current: :meth:`refresh` re-reads it and, when the content
+    changed, parses and applies it; :attr:`generation` counts the versions applied.
+
+    A file that becomes unreadable or invalid does not replace the values in effect: the last
+    good values stay, the error is logged on every refresh and kept in :attr:`error`, so a
+    broken edit is loud but never silently widens or empties what is accepted. Files the main
+    file names (trust anchors, platform keys) are read when the main file changes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        data = self._read()
+        self._values = self._parse(data)
+        self._digest = hashlib.sha256(data).digest()
+        self.generation = 1
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def values(self) -> ReferenceValues:
+        return self._values
+
+    def refresh(self) -> bool:
+        """Re-read the file; True when changed values were applied by this call."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
+        try:
+            data = self._read()
+            digest = hashlib.sha256(data).digest()
+            if digest == self._digest:
+                self.error = None
+                return False
+            values = self._parse(data)
+        except ReferenceValuesInvalid as exc:
+            self.error = str(exc)
+            _log.error("reference values not reloaded, the last good values stay: %s", exc)
+            return False
+        self._values, self._digest, self.error = values, digest, None
+        self.generation += 1
+        _log.info("reference values reloaded from %s (generation %d)", self.path, self.generation)
+        return True
+
+    def _read(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except OSError as exc:
+            raise ReferenceValuesInvalid(f"{self.path}: cannot read ({exc.strerror})") from None
+
+    def _parse(self, data: bytes) -> ReferenceValues:
+        try:
+            doc = yaml.safe_load(data.decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ReferenceValuesInvalid(f"{self.path}: not valid YAML/JSON ({exc})") from None
+        return ReferenceValues.from_document(doc, base=self.path.parent, source=str(self.path))
 
 
 def is_revoked_certificate(revoked: frozenset[str], serial: int, fingerprint: bytes) -> str:

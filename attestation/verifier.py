@@ -1,10 +1,20 @@
 """Judge one enclave key: evidence genuine, bound to this key, fresh, and accepted by reference
-values. Returns an :class:`AttestationResult` or raises a typed :mod:`attestation.errors`."""
+values. Returns an :class:`AttestationResult` or raises a typed :mod:`attestation.errors`.
+
+:func:`verify_key` dispatches on the offered evidence format:
+
+* ``sovra-sim-tee/2`` (SIMULATED composite CVM + NPU evidence, :mod:`attestation.sim`);
+* ``arm-cca-token`` (an Arm CCA attestation token, as configfs-tsm's ``arm_cca_guest`` provider
+  returns it; :mod:`attestation.cca_appraisal`), whose realm challenge must equal the key
+  binding ``SHA-512(pk || be64(epoch) || nonce)``;
+* ``sovra-sim-tee/1`` is refused as retired (it carries no NPU reports).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Final
 
 from attestation import appraisal, sim
 from attestation.errors import (
@@ -17,6 +27,8 @@ from attestation.errors import (
 from attestation.reference_values import ReferenceValues
 
 STATUS_AFFIRMING = "affirming"
+#: Evidence format of an Arm CCA token (configfs-tsm provider ``arm_cca_guest``).
+CCA_TOKEN_FORMAT: Final = "arm-cca-token"  # noqa: S105 - a format name, not a secret
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,27 @@ class OfferedKey:
     not_after_ms: int
     evidence_format: str
     evidence: bytes
+    # The challenge the evidence binds. Needed for formats whose evidence carries only the
+    # report data (CCA tokens); sim evidence carries its nonce inside and ignores an empty one.
+    nonce: bytes = b""
+
+
+@dataclass(frozen=True)
+class NpuResult:
+    """What the NPU report ``index`` of composite evidence showed, after appraisal."""
+
+    index: int
+    firmware_version: str
+    measurement: str
+    min_firmware: str | None = None  # the minimum the reference values enforced, if any
+
+    def to_json_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "firmware_version": self.firmware_version,
+            "measurement": self.measurement,
+            "min_firmware": self.min_firmware,
+        }
 
 
 @dataclass(frozen=True)
@@ -39,11 +72,12 @@ class AttestationResult:
     status: str
     simulated: bool
     tee_type: str
-    region: str
+    region: str  # "" when the evidence does not attest a region (CCA tokens)
     measurement: str
     verified_at_ms: int
     expires_at_ms: int  # the earlier of key expiry and evidence age limit
     verifier: str = "sovra-attestation/0.1"
+    npus: tuple[NpuResult, ...] = ()  # appraised NPU reports; empty: no NPU evidence
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -57,6 +91,7 @@ class AttestationResult:
             "verified_at_ms": self.verified_at_ms,
             "expires_at_ms": self.expires_at_ms,
             "verifier": self.verifier,
+            "npus": [n.to_json_dict() for n in self.npus],
         }
 
 
@@ -70,20 +105,36 @@ def verify_key(
     """``expected_nonce``: the challenge the caller issued (broker admission); the edge, which
     cannot challenge through the broker, relies on the evidence age instead."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
-    if offered.evidence_format != sim.SIM_FORMAT:
-        raise EvidenceMalformed(f"evidence format {offered.evidence_format!r} is not supported")
-    claims = sim.verify_evidence(offered.evidence, rv.sim_vendor_roots)
+    fmt = offered.evidence_format
+    if fmt == sim.SIM_FORMAT:
+        return _verify_sim(offered, rv, expected_nonce, now)
+    if fmt == CCA_TOKEN_FORMAT:
+        return _verify_cca(offered, rv, expected_nonce, now)
+    if fmt == sim.SIM_FORMAT_V1:
+        raise EvidenceMalformed(sim.RETIRED_V1_REASON)
+    raise EvidenceMalformed(
+        f"evidence format {fmt[:64]!r} is not supported (accepted: {sim.SIM_FORMAT!r}, "
+        f"{CCA_TOKEN_FORMAT!r})"
+    )
+
+
+def _verify_sim(
+    offered: OfferedKey, rv: ReferenceValues, expected_nonce: bytes | None, now: int
+) -> AttestationResult:
+    evidence = sim.verify_evidence(offered.evidence, rv.sim_vendor_roots)
     if rv.revoked_device_certs:
-        chain = appraisal.sim_device_chain(offered.evidence)
         revoked = appraisal.DeviceCertsNotRevoked(rv.revoked_device_certs).verify_certificates(
-            chain
+            evidence.certificates
         )
         if isinstance(revoked, appraisal.Failure):
             raise UntrustedChain(revoked.reason)
+    claims = evidence.cvm
     if claims.enclave_id != offered.enclave_id:
         raise KeyBindingMismatch("evidence names another enclave than the directory entry")
     if expected_nonce is not None and claims.nonce != expected_nonce:
         raise KeyBindingMismatch("evidence does not bind the challenge nonce issued for it")
+    if offered.nonce and offered.nonce != claims.nonce:
+        raise KeyBindingMismatch("evidence binds another nonce than the one offered with it")
     if claims.key_not_after_ms != offered.not_after_ms:
         raise KeyBindingMismatch("evidence binds another key expiry than the one offered")
     bound = appraisal.KeyBound(offered.public_key, offered.epoch, offered.kem).verify(claims)
@@ -95,6 +146,9 @@ def verify_key(
     verdict = appraisal.policy_for(rv).verify(claims)
     if isinstance(verdict, appraisal.Failure):
         raise AppraisalFailed(verdict.reason)
+    npu_verdict = appraisal.npu_policy_for(rv).verify(evidence)
+    if isinstance(npu_verdict, appraisal.Failure):
+        raise AppraisalFailed(npu_verdict.reason)
     return AttestationResult(
         enclave_id=claims.enclave_id,
         epoch=claims.epoch,
@@ -107,4 +161,41 @@ def verify_key(
         expires_at_ms=min(
             claims.key_not_after_ms, claims.issued_at_ms + rv.max_evidence_age_s * 1000
         ),
+        npus=tuple(
+            NpuResult(n.index, n.firmware_version, n.measurement, rv.min_npu_firmware)
+            for n in evidence.npus
+        ),
+    )
+
+
+def _verify_cca(
+    offered: OfferedKey, rv: ReferenceValues, expected_nonce: bytes | None, now: int
+) -> AttestationResult:
+    """A CCA token binds the key through its realm challenge (64 bytes) = the key binding hash.
+
+    The token carries no enclave id, region, key expiry or time: the enclave id is the offer's
+    (a relabelled key is refused by the enclave, which only opens envelopes naming itself), the
+    region is left empty (not attested), and the result expires at the earlier of the offered
+    key expiry and ``max_evidence_age_s`` from now.
+    """
+    from attestation.cca_appraisal import verify_and_appraise_cca  # imports this module
+
+    if expected_nonce is not None and offered.nonce and offered.nonce != expected_nonce:
+        raise KeyBindingMismatch("evidence does not bind the challenge nonce issued for it")
+    nonce = expected_nonce if expected_nonce is not None else offered.nonce
+    if not nonce:
+        raise KeyBindingMismatch(
+            "a CCA token binds its key through the challenge nonce, and none came with the offer"
+        )
+    if offered.not_after_ms <= now:
+        raise EvidenceStale("the offered key has expired")
+    binding = sim.report_data(offered.public_key, offered.epoch, nonce)
+    _token, judged = verify_and_appraise_cca(
+        offered.evidence, rv, expected_challenge=binding, now_ms=now
+    )
+    return judged.to_attestation_result(
+        enclave_id=offered.enclave_id,
+        epoch=offered.epoch,
+        region="",
+        expires_at_ms=min(offered.not_after_ms, now + rv.max_evidence_age_s * 1000),
     )

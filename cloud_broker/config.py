@@ -16,6 +16,7 @@ from typing import Any, Final, Literal
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from cloud_broker.policy import BrokerPolicy, BrokerPolicyError
 from sovra.pki import Identity
 from sovra.tls import TLSFiles
 
@@ -30,9 +31,13 @@ _DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "challenge_ttl_s": 60,
         "strategy": "least-inflight",
         "enclave_call_timeout_s": 120,
+        "reappraise_interval_s": 60,
+        "ear_signing_key": "",
         "tenants": {},
+        "policy": "",
     }
 )
+EAR_KEY_FILE: Final = "ear-signing-key.pem"
 _TLS_KEYS: Final = frozenset({"cert", "key", "ca"})
 _TENANT_KEYS: Final = frozenset({"allowed_edge_keys", "regions"})
 
@@ -68,7 +73,24 @@ class BrokerConfig:
     strategy: Strategy = "least-inflight"
     enclave_call_timeout_s: float = 120.0
     tenants: Mapping[str, TenantPolicy] = field(default_factory=lambda: MappingProxyType({}))
+    policy: BrokerPolicy | None = None  # broker-side sovereignty rules and quotas (optional)
     source: str = "<memory>"
+    reappraise_interval_s: int = 60
+    ear_signing_key: Path | None = None  # None: EAR_KEY_FILE in the state dir (see state_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the broker keeps files it creates: the SQLite database's directory, or (for
+        other databases) the config file's directory."""
+        url = make_url(self.database)
+        db = url.database
+        if url.get_backend_name() == "sqlite" and db and db != ":memory:":
+            return Path(db).parent
+        return Path(self.source).parent if self.source != "<memory>" else Path.cwd()
+
+    @property
+    def ear_signing_key_path(self) -> Path:
+        return self.ear_signing_key or self.state_dir / EAR_KEY_FILE
 
     @property
     def eviction_window_s(self) -> int:
@@ -103,8 +125,24 @@ class BrokerConfig:
             strategy=_strategy(values["strategy"], source),
             enclave_call_timeout_s=_positive_number(values, "enclave_call_timeout_s", source),
             tenants=_tenants(values["tenants"], source),
+            policy=_broker_policy(values["policy"], base, source),
             source=source,
+            reappraise_interval_s=_positive_int(values, "reappraise_interval_s", source),
+            ear_signing_key=(
+                _path(values["ear_signing_key"], base, "ear_signing_key", source)
+                if values["ear_signing_key"] != ""
+                else None
+            ),
         )
+
+
+def _broker_policy(value: Any, base: Path, source: str) -> BrokerPolicy | None:
+    if value == "":
+        return None
+    try:
+        return BrokerPolicy.load(_path(value, base, "policy", source))
+    except BrokerPolicyError as exc:
+        raise _error(source, "policy", str(exc)) from None
 
 
 def _error(source: str, key: str, message: str) -> ConfigError:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, LargeBinary, String, UniqueConstraint, event
+from sqlalchemy import Column, Engine, LargeBinary, String, Text, UniqueConstraint, event, inspect
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, select
@@ -57,6 +58,9 @@ class EnclaveKeyRow(SQLModel, table=True):
     evidence: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     verified_at_ms: int
     attested_until_ms: int  # earlier of key expiry and evidence age limit
+    # Added later (see _migrate): the broker's EAR for this key, and the challenge it was bound to.
+    ear: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    nonce: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 class RequestRow(SQLModel, table=True):
@@ -90,6 +94,18 @@ class KeyRecord:
     not_after_ms: int
     evidence_format: str
     evidence: bytes
+    verified_at_ms: int
+    attested_until_ms: int
+    ear: str = ""
+    nonce: bytes = b""
+
+
+@dataclass(frozen=True)
+class KeyReappraisal:
+    """A stored key (by row id) that appraised again: its new EAR and attestation window."""
+
+    key_id: int
+    ear: str
     verified_at_ms: int
     attested_until_ms: int
 
@@ -138,7 +154,24 @@ def open_database(url: str) -> Engine:
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
     SQLModel.metadata.create_all(engine)
+    _migrate(engine)
     return engine
+
+
+def _migrate(engine: Engine) -> None:
+    """Add columns introduced after a database was created (``create_all`` adds only tables)."""
+    table = EnclaveKeyRow.__table__  # type: ignore[attr-defined]
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    with engine.begin() as conn:
+        for name in ("ear", "nonce"):
+            if name in present:
+                continue
+            column = table.c[name]
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} "
+            ddl += column.type.compile(dialect=engine.dialect)
+            if not column.nullable:
+                ddl += " NOT NULL DEFAULT ''"
+            conn.execute(sql_text(ddl))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -219,6 +252,8 @@ def _key_rows(enclave_id: str, keys: Iterable[KeyRecord]) -> list[EnclaveKeyRow]
             evidence=k.evidence,
             verified_at_ms=k.verified_at_ms,
             attested_until_ms=k.attested_until_ms,
+            ear=k.ear,
+            nonce=k.nonce or None,
         )
         for k in keys
     ]
@@ -257,13 +292,73 @@ def _eviction_reason(session: Session, row: EnclaveRow, now_ms: int, cutoff_ms: 
     return ""
 
 
-def evict(engine: Engine, enclave_id: str, reason: str) -> None:
+def admitted_enclaves(engine: Engine) -> list[EnclaveEntry]:
+    """Every admitted enclave with all its stored keys (for re-appraisal), by enclave id."""
+    with Session(engine) as session:
+        stmt = select(EnclaveRow).where(EnclaveRow.status == STATUS_ADMITTED)
+        rows = {r.enclave_id: r for r in session.exec(stmt.order_by(EnclaveRow.enclave_id)).all()}
+        key_stmt = (
+            select(EnclaveKeyRow)
+            .where(col(EnclaveKeyRow.enclave_id).in_(list(rows)))
+            .order_by(col(EnclaveKeyRow.enclave_id), col(EnclaveKeyRow.epoch))
+        )
+        keys: dict[str, list[EnclaveKeyRow]] = {}
+        for key in session.exec(key_stmt).all():
+            keys.setdefault(key.enclave_id, []).append(key)
+    return [EnclaveEntry(row, tuple(keys.get(eid, ()))) for eid, row in rows.items()]
+
+
+def record_reappraisal(
+    engine: Engine,
+    enclave_id: str,
+    reappraised: Sequence[KeyReappraisal],
+    dropped_key_ids: Sequence[int],
+) -> None:
+    """Store the new EARs and windows of keys that appraised again; drop keys that did not.
+
+    Keys are named by row id: a key a heartbeat replaced meanwhile has a new row (and fresh
+    evidence), so this pass's verdict on the old evidence never lands on it.
+    """
     with Session(engine) as session:
         row = session.get(EnclaveRow, enclave_id)
-        if row is not None and row.status == STATUS_ADMITTED:
-            row.status, row.status_reason = STATUS_EVICTED, reason
-            session.add(row)
-            session.commit()
+        if row is None or row.status != STATUS_ADMITTED:
+            return  # evicted meanwhile: nothing of this pass applies
+        if dropped_key_ids:
+            session.exec(
+                delete(EnclaveKeyRow).where(col(EnclaveKeyRow.id).in_(list(dropped_key_ids)))
+            )
+        by_id = {r.key_id: r for r in reappraised}
+        stmt = select(EnclaveKeyRow).where(
+            EnclaveKeyRow.enclave_id == enclave_id, col(EnclaveKeyRow.id).in_(list(by_id))
+        )
+        for key in session.exec(stmt).all():
+            assert key.id is not None
+            update = by_id[key.id]
+            key.ear = update.ear
+            key.verified_at_ms = update.verified_at_ms
+            key.attested_until_ms = update.attested_until_ms
+            session.add(key)
+        session.flush()
+        row.attestation_expires_ms = _attested_until(session, enclave_id)
+        session.add(row)
+        session.commit()
+
+
+def evict(
+    engine: Engine, enclave_id: str, reason: str, *, admitted_at_ms: int | None = None
+) -> bool:
+    """Mark an admitted enclave evicted; with ``admitted_at_ms``, only that admission (not a
+    registration that replaced it meanwhile). True if this call evicted it."""
+    with Session(engine) as session:
+        row = session.get(EnclaveRow, enclave_id)
+        if row is None or row.status != STATUS_ADMITTED:
+            return False
+        if admitted_at_ms is not None and row.admitted_at_ms != admitted_at_ms:
+            return False
+        row.status, row.status_reason = STATUS_EVICTED, reason
+        session.add(row)
+        session.commit()
+        return True
 
 
 def live_enclaves(

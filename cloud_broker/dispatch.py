@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cloud_broker import db
 from cloud_broker.config import Strategy, TenantPolicy
 from cloud_broker.errors import BrokerError
+from cloud_broker.policy import BrokerPolicy, QuotaStore, TenantRules
 from cloud_broker.registry import Clock, Registry
 from sovra.envelope import MAX_ENVELOPE_BYTES, BadSignature, Envelope, EnvelopeError, Header
 from sovra.pki import Identity
@@ -145,6 +146,7 @@ class _Outcome:
     bytes_out: int = 0
     frames: int = 0
     started: float = field(default_factory=time.monotonic)
+    rules: TenantRules | None = None  # the broker policy's rules for the tenant, if any
 
     def row(self, status: grpc.StatusCode) -> db.RequestRow:
         h = self.header
@@ -176,12 +178,16 @@ class Dispatcher:
         strategy: Strategy,
         timeout_s: float,
         clock: Clock = time.time,
+        policy: BrokerPolicy | None = None,
+        quotas: QuotaStore | None = None,
     ) -> None:
         self._registry = registry
         self._links = links
         self._strategy = strategy
         self._timeout_s = timeout_s
         self._clock = clock
+        self._policy = policy
+        self._quotas = quotas
         self.inflight = InFlight()
 
     def dispatch(
@@ -241,19 +247,35 @@ class Dispatcher:
                 f"{tenant.name!r}",
             )
         self._remaining_s(header)  # refuse an expired request before looking for enclaves
-        candidates = self._candidates(header, tenant)
-        outcome.candidates = len(candidates)
+        rules = self._policy.rules_for(tenant.name) if self._policy is not None else None
+        outcome.rules = rules
+        try:
+            candidates = self._candidates(header, tenant, rules)
+            outcome.candidates = len(candidates)
+            if rules is not None and self._quotas is not None:
+                self._quotas.admit(rules)  # after routing: a refused request costs no quota
+        except BrokerError as exc:
+            if rules is not None and exc.code != grpc.StatusCode.NOT_FOUND:
+                log.info(
+                    "dispatch refused by broker policy rid=%s tenant=%s rule=%s status=%s: %s",
+                    header.request_id_hex, tenant.name, rules.rule_id, exc.code.name,
+                    exc.message,
+                )  # fmt: skip
+            raise
         if self._strategy == "least-inflight":
             return self.inflight.order(candidates)
         return candidates
 
-    def _candidates(self, header: Header, tenant: TenantPolicy) -> list[Candidate]:
+    def _candidates(
+        self, header: Header, tenant: TenantPolicy, rules: TenantRules | None = None
+    ) -> list[Candidate]:
         live = {
             e.enclave.enclave_id: e
             for e in self._registry.live([r.enclave_id for r in header.recipients])
         }
         admitted: list[Candidate] = []
         outside = 0
+        excluded: list[str] = []  # candidates the broker policy does not allow, and why
         for recipient in header.recipients:
             entry = live.get(recipient.enclave_id)
             if entry is None or recipient.epoch not in {k.epoch for k in entry.keys}:
@@ -261,8 +283,20 @@ class Dispatcher:
             if not tenant.allows_region(entry.enclave.region):
                 outside += 1
                 continue
+            if rules is not None and self._policy is not None:
+                why = self._policy.excludes(rules, recipient.enclave_id, entry.enclave.region)
+                if why is not None:
+                    excluded.append(f"{recipient.enclave_id}: {why}")
+                    continue
             if all(c.enclave_id != recipient.enclave_id for c in admitted):
                 admitted.append(Candidate(recipient.enclave_id, entry.enclave.address))
+        if not admitted and excluded and rules is not None and self._policy is not None:
+            raise BrokerError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"broker policy rule {rules.rule_id!r} ({self._policy.id}): none of the "
+                f"{len(header.recipients)} candidate enclaves is allowed for tenant "
+                f"{tenant.name!r} ({'; '.join(excluded)})",
+            )
         if not admitted:
             n = len(header.recipients)
             why = (
@@ -373,6 +407,12 @@ class Dispatcher:
         except SQLAlchemyError as exc:
             # The reply is already decided; losing a metadata row must not lose the reply.
             log.error("could not record request rid=%s: %s", row.request_id, type(exc).__name__)
+        if outcome.rules is not None and self._quotas is not None and outcome.frames:
+            try:
+                self._quotas.record_frames(outcome.rules, outcome.frames)
+            except SQLAlchemyError as exc:
+                log.error("could not count quota usage rid=%s: %s", row.request_id,
+                          type(exc).__name__)  # fmt: skip
 
 
 def _decode_or_log(envelope: bytes, tenant: TenantPolicy, *, stream: bool) -> Envelope:

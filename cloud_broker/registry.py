@@ -4,6 +4,11 @@ The broker admits an enclave only if every key it offers is bound by genuine evi
 challenge nonce this broker issued, and the broker's reference values accept what the evidence
 reports. Edges re-verify everything themselves; admission keeps unattested machines out of the
 directory and out of dispatch, it is not something an edge has to trust.
+
+Every admitted key gets an EAR (signed ES256 with the broker's verifier key) at admission and at
+every re-appraisal. :meth:`Registry.reappraise` re-verifies the stored evidence of every admitted
+enclave against the CURRENT reference values (the file is re-read when it changed), so a
+revocation evicts within one ``reappraise_interval_s``.
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine
 
-from attestation.errors import AttestationError
-from attestation.reference_values import ReferenceValues
+from attestation import ear
+from attestation.errors import AttestationError, EvidenceStale
+from attestation.reference_values import ReferenceValues, ReferenceValuesFile
 from attestation.verifier import AttestationResult, OfferedKey, verify_key
 from cloud_broker import db
 from cloud_broker.config import TenantPolicy
@@ -104,23 +113,39 @@ class Registry:
     def __init__(
         self,
         engine: Engine,
-        reference_values: ReferenceValues,
+        reference_values: ReferenceValues | ReferenceValuesFile,
         *,
         heartbeat_interval_s: int,
         evict_after_missed: int,
         challenge_ttl_s: int,
         clock: Clock = time.time,
+        ear_signing_key: ec.EllipticCurvePrivateKey | None = None,
+        reappraise_interval_s: int = 60,
     ) -> None:
         self.engine = engine
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.reappraise_interval_s = reappraise_interval_s
         self._rv = reference_values
         self._window_ms = heartbeat_interval_s * evict_after_missed * 1000
         self._clock = clock
         self._challenges = ChallengeBook(challenge_ttl_s, clock)
+        self._ear_key = ear_signing_key or ec.generate_private_key(ec.SECP256R1())
         self._write_lock = threading.Lock()  # one writer at a time: SQLite would serialise anyway
+        self._reappraise_lock = threading.Lock()  # one re-appraisal pass at a time
 
     def now_ms(self) -> int:
         return _ms(self._clock())
+
+    @property
+    def reference_values(self) -> ReferenceValues:
+        """The reference values in effect (the last good version of the file)."""
+        rv = self._rv
+        return rv.values if isinstance(rv, ReferenceValuesFile) else rv
+
+    @property
+    def ear_verifier_key_pem(self) -> str:
+        """The public half of the EAR signing key, as published to edges."""
+        return ear.public_key_pem(self._ear_key)
 
     def challenge(self, enclave_id: str) -> Challenge:
         return self._challenges.issue(enclave_id)
@@ -153,7 +178,7 @@ class Registry:
             attestation_status=results[0].status, now_ms=results[0].verified_at_ms,
         )  # fmt: skip
         with self._write_lock:
-            db.admit_enclave(self.engine, record, _key_records(a.keys, results))
+            db.admit_enclave(self.engine, record, self._key_records(a.keys, results, nonce))
         log.info(
             "admitted enclave=%s region=%s tee=%s simulated=%s epochs=%s models=%s address=%s",
             caller, a.region, a.tee_type, a.simulated, [k.epoch for k in a.keys], list(a.models),
@@ -175,7 +200,7 @@ class Registry:
             _check_keys(keys, caller)
             self._challenges.redeem(caller, nonce)
             results = self._appraise_all(keys, nonce, row.region, row.tee_type, row.simulated)
-            records = _key_records(keys, results)
+            records = self._key_records(keys, results, nonce)
         with self._write_lock:
             db.record_heartbeat(self.engine, caller, self.now_ms(), records)
         if records:
@@ -192,6 +217,104 @@ class Registry:
         for enclave_id, reason in evicted:
             log.info("evicted enclave=%s reason=%s", enclave_id, reason)
         return [enclave_id for enclave_id, _ in evicted]
+
+    def reappraise(self, now: float | None = None) -> list[str]:
+        """Re-verify every admitted enclave's stored evidence against the current reference
+        values (re-reading the file if it changed) and refresh the keys' EARs.
+
+        A key whose evidence aged out is dropped (the enclave re-attests at its next rotation,
+        and :meth:`evict_stale` evicts it once no key is left). An enclave with a key that no
+        longer appraises for any other reason (revoked measurement or device certificate,
+        measurement no longer accepted, simulation now forbidden, ...) is evicted: its identity
+        is no longer acceptable. Returns the ids evicted by this pass. ``now`` (seconds)
+        defaults to the registry clock.
+        """
+        with self._reappraise_lock:
+            if isinstance(self._rv, ReferenceValuesFile):
+                self._rv.refresh()
+            rv = self.reference_values
+            now_ms = _ms(self._clock() if now is None else now)
+            evicted: list[str] = []
+            for entry in db.admitted_enclaves(self.engine):
+                try:
+                    if self._reappraise_enclave(entry, rv, now_ms):
+                        evicted.append(entry.enclave.enclave_id)
+                except Exception as exc:  # one enclave's trouble must not stall the others
+                    log.error(
+                        "re-appraisal of enclave=%s failed: %s",
+                        entry.enclave.enclave_id,
+                        type(exc).__name__,
+                    )
+            return evicted
+
+    def _reappraise_enclave(self, entry: db.EnclaveEntry, rv: ReferenceValues, now_ms: int) -> bool:
+        row = entry.enclave
+        reappraised: list[db.KeyReappraisal] = []
+        dropped: list[int] = []
+        for key in entry.keys:
+            assert key.id is not None
+            try:
+                result = verify_key(_stored_offer(row.enclave_id, key), rv, now_ms=now_ms)
+                _check_matches(result, row.region, row.tee_type, row.simulated)
+            except EvidenceStale:
+                dropped.append(key.id)
+                continue
+            except (AttestationError, BrokerError) as exc:
+                reason = f"re-appraisal: key epoch {key.epoch}: {_reason(exc)}"
+                with self._write_lock:
+                    done = db.evict(
+                        self.engine, row.enclave_id, reason, admitted_at_ms=row.admitted_at_ms
+                    )
+                if done:
+                    log.info("evicted enclave=%s reason=%s", row.enclave_id, reason)
+                return done
+            reappraised.append(
+                db.KeyReappraisal(
+                    key_id=key.id,
+                    ear=self._issue_ear(result, rv),
+                    verified_at_ms=result.verified_at_ms,
+                    attested_until_ms=result.expires_at_ms,
+                )
+            )
+        with self._write_lock:
+            db.record_reappraisal(self.engine, row.enclave_id, reappraised, dropped)
+        return False
+
+    def _issue_ear(self, result: AttestationResult, rv: ReferenceValues) -> str:
+        """The broker's EAR for ``result``; valid for two re-appraisal intervals at most, so an
+        EAR of an enclave evicted since stops vouching for it soon."""
+        try:
+            return ear.issue_ear(
+                result,
+                signing_key=self._ear_key,
+                policy_id=f"policy:{Path(rv.source).name}",
+                now=datetime.fromtimestamp(result.verified_at_ms / 1000, UTC),
+                ttl_s=2 * self.reappraise_interval_s,
+            )
+        except ear.EarExpired:
+            return ""  # the result expires within the second: no EAR rather than a dead one
+
+    def _key_records(
+        self, keys: Sequence[OfferedKey], results: Sequence[AttestationResult], nonce: bytes
+    ) -> list[db.KeyRecord]:
+        """Verified keys to store, each with its EAR and the challenge its evidence binds (the
+        nonce this broker issued, so re-appraisal and edges can recompute the binding)."""
+        rv = self.reference_values
+        return [
+            db.KeyRecord(
+                epoch=k.epoch,
+                kem=k.kem,
+                public_key=k.public_key,
+                not_after_ms=k.not_after_ms,
+                evidence_format=k.evidence_format,
+                evidence=k.evidence,
+                verified_at_ms=r.verified_at_ms,
+                attested_until_ms=r.expires_at_ms,
+                ear=self._issue_ear(r, rv),
+                nonce=nonce,
+            )
+            for k, r in zip(keys, results, strict=True)
+        ]
 
     def directory(self, tenant: TenantPolicy, model: str = "") -> list[db.EnclaveEntry]:
         """Live enclaves the tenant may use, optionally only those serving ``model``."""
@@ -223,6 +346,8 @@ class Registry:
         simulated: bool,
     ) -> list[AttestationResult]:  # fmt: skip
         """Verify every key against the challenge; each must attest what the enclave claims."""
+        if isinstance(self._rv, ReferenceValuesFile):
+            self._rv.refresh()  # a revocation applies to new admissions at once
         now = self.now_ms()
         results = [self._appraise(key, nonce, now) for key in keys]
         for result in results:
@@ -231,7 +356,7 @@ class Registry:
 
     def _appraise(self, key: OfferedKey, nonce: bytes, now_ms: int) -> AttestationResult:
         try:
-            return verify_key(key, self._rv, expected_nonce=nonce, now_ms=now_ms)
+            return verify_key(key, self.reference_values, expected_nonce=nonce, now_ms=now_ms)
         except AttestationError as exc:
             raise BrokerError(
                 grpc.StatusCode.PERMISSION_DENIED, f"key epoch {key.epoch}: {exc}"
@@ -240,6 +365,23 @@ class Registry:
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, BrokerError) else str(exc)
+
+
+def _stored_offer(enclave_id: str, key: db.EnclaveKeyRow) -> OfferedKey:
+    return OfferedKey(
+        enclave_id=enclave_id,
+        epoch=key.epoch,
+        kem=key.kem,
+        public_key=key.public_key,
+        not_after_ms=key.not_after_ms,
+        evidence_format=key.evidence_format,
+        evidence=key.evidence,
+        nonce=key.nonce or b"",
+    )
 
 
 def _invalid(message: str) -> BrokerError:
@@ -279,9 +421,13 @@ def _check_keys(keys: Sequence[OfferedKey], enclave_id: str) -> None:
 
 
 def _check_matches(result: AttestationResult, region: str, tee_type: str, simulated: bool) -> None:
-    """The descriptor must say what the evidence says: the directory repeats only attested facts."""
+    """The descriptor must say what the evidence says: the directory repeats only attested facts.
+
+    Evidence that attests no region (a CCA token; ``result.region == ""``) leaves the region to
+    the registration; edges never take a region from the directory anyway.
+    """
     for name, said, attested in (
-        ("region", region, result.region),
+        ("region", region, result.region or region),
         ("tee_type", tee_type, result.tee_type),
         ("simulated", simulated, result.simulated),
     ):
@@ -293,35 +439,15 @@ def _check_matches(result: AttestationResult, region: str, tee_type: str, simula
             )
 
 
-def _key_records(
-    keys: Sequence[OfferedKey], results: Sequence[AttestationResult]
-) -> list[db.KeyRecord]:
-    return [
-        db.KeyRecord(
-            epoch=k.epoch,
-            kem=k.kem,
-            public_key=k.public_key,
-            not_after_ms=k.not_after_ms,
-            evidence_format=k.evidence_format,
-            evidence=k.evidence,
-            verified_at_ms=r.verified_at_ms,
-            attested_until_ms=r.expires_at_ms,
-        )
-        for k, r in zip(keys, results, strict=True)
-    ]
+class PeriodicTask:
+    """Runs ``task()`` every ``interval_s`` in a daemon thread until stopped."""
 
-
-class EvictionLoop:
-    """Runs :meth:`Registry.evict_stale` every ``interval_s`` in a daemon thread.
-
-    Reads already ignore silent enclaves; the loop makes the eviction durable and logged.
-    """
-
-    def __init__(self, registry: Registry, *, interval_s: float) -> None:
-        self._registry = registry
+    def __init__(self, task: Callable[[], object], *, interval_s: float, name: str) -> None:
+        self._task = task
+        self._name = name
         self._interval_s = interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="broker-eviction", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -334,6 +460,27 @@ class EvictionLoop:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                self._registry.evict_stale()
-            except Exception as exc:  # keep sweeping; the next round may succeed
-                log.error("eviction sweep failed: %s", type(exc).__name__)
+                self._task()
+            except Exception as exc:  # keep going; the next round may succeed
+                log.error("%s failed: %s", self._name, type(exc).__name__)
+
+
+class EvictionLoop(PeriodicTask):
+    """Runs :meth:`Registry.evict_stale` every ``interval_s``.
+
+    Reads already ignore silent enclaves; the loop makes the eviction durable and logged.
+    """
+
+    def __init__(self, registry: Registry, *, interval_s: float) -> None:
+        super().__init__(registry.evict_stale, interval_s=interval_s, name="broker-eviction")
+
+
+class ReappraisalLoop(PeriodicTask):
+    """Runs :meth:`Registry.reappraise` every ``registry.reappraise_interval_s``."""
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__(
+            registry.reappraise,
+            interval_s=registry.reappraise_interval_s,
+            name="broker-reappraisal",
+        )

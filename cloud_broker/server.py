@@ -20,13 +20,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from attestation.reference_values import ReferenceValues
+from attestation.reference_values import ReferenceValuesFile
 from attestation.verifier import OfferedKey
-from cloud_broker import db
+from cloud_broker import db, ear_key
 from cloud_broker.config import BrokerConfig, TenantPolicy
 from cloud_broker.dispatch import MAX_MESSAGE_BYTES, Dispatcher, EnclaveLinks
 from cloud_broker.errors import BrokerError
-from cloud_broker.registry import Announcement, Clock, EvictionLoop, Registry
+from cloud_broker.policy import QuotaStore
+from cloud_broker.registry import (
+    Announcement,
+    Clock,
+    EvictionLoop,
+    PeriodicTask,
+    ReappraisalLoop,
+    Registry,
+)
+from cloud_broker.training import add_training_service
 from sovra.pki import Identity
 from sovra.tls import peer_identity, server_credentials
 from sovra.v1 import broker_pb2, broker_pb2_grpc, enclave_pb2
@@ -113,6 +122,7 @@ def _offered(enclave_id: str, key: broker_pb2.EnclaveKey) -> OfferedKey:
         not_after_ms=key.not_after_ms,
         evidence_format=key.evidence_format,
         evidence=key.evidence,
+        nonce=key.nonce,
     )
 
 
@@ -167,8 +177,23 @@ class EnclaveRegistryServicer(broker_pb2_grpc.EnclaveRegistryServicer):
 class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
     def __init__(self, config: BrokerConfig, registry: Registry, dispatcher: Dispatcher) -> None:
         self._tenants = config.tenants
+        self._policy = config.policy
         self._registry = registry
         self._dispatcher = dispatcher
+
+    def _allowed(
+        self, tenant: TenantPolicy, entries: Sequence[db.EnclaveEntry]
+    ) -> list[db.EnclaveEntry]:
+        """The directory as the broker policy lets the tenant see it (Dispatch enforces it)."""
+        policy = self._policy
+        rules = policy.rules_for(tenant.name) if policy is not None else None
+        if policy is None or rules is None:
+            return list(entries)
+        return [
+            e
+            for e in entries
+            if policy.excludes(rules, e.enclave.enclave_id, e.enclave.region) is None
+        ]
 
     def _tenant(self, context: grpc.ServicerContext) -> TenantPolicy:
         name = _caller(context, "edge", "EdgeGateway").name
@@ -183,16 +208,20 @@ class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
     def ListEnclaves(
         self, request: broker_pb2.ListEnclavesRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ListEnclavesResponse:
-        entries = self._registry.directory(self._tenant(context), request.model)
+        tenant = self._tenant(context)
+        entries = self._allowed(tenant, self._registry.directory(tenant, request.model))
         return broker_pb2.ListEnclavesResponse(
-            enclaves=[_descriptor(e) for e in entries], generated_at_ms=self._registry.now_ms()
+            enclaves=[_descriptor(e) for e in entries],
+            generated_at_ms=self._registry.now_ms(),
+            ear_verifier_key=self._registry.ear_verifier_key_pem,
         )
 
     @_unary
     def ListModels(
         self, request: broker_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ListModelsResponse:
-        entries = self._registry.directory(self._tenant(context))
+        tenant = self._tenant(context)
+        entries = self._allowed(tenant, self._registry.directory(tenant))
         models = sorted({m for e in entries for m in e.enclave.model_list})
         return broker_pb2.ListModelsResponse(models=models)
 
@@ -232,6 +261,8 @@ def _descriptor(entry: db.EnclaveEntry) -> broker_pb2.EnclaveDescriptor:
                 not_after_ms=k.not_after_ms,
                 evidence_format=k.evidence_format,
                 evidence=k.evidence,
+                ear=k.ear,
+                nonce=k.nonce or b"",
             )
             for k in entry.keys
         ],
@@ -251,6 +282,7 @@ class RunningBroker:
         links: EnclaveLinks,
         health_servicer: health.HealthServicer,
         eviction: EvictionLoop,
+        reappraisal: PeriodicTask | None = None,
     ) -> None:
         self.port = port
         self.address = f"{host}:{port}"
@@ -260,6 +292,7 @@ class RunningBroker:
         self._links = links
         self._health = health_servicer
         self._eviction = eviction
+        self._reappraisal = reappraisal
         self._stopped = threading.Event()
 
     def stop(self, grace: float | None = 5.0) -> None:
@@ -269,6 +302,8 @@ class RunningBroker:
         self._stopped.set()
         self._health.enter_graceful_shutdown()
         self._eviction.stop()
+        if self._reappraisal is not None:
+            self._reappraisal.stop()
         self._server.stop(grace).wait()
         self._links.close()
         self.registry.engine.dispose()
@@ -285,8 +320,16 @@ def serve(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     clock: Clock = time.time,
 ) -> RunningBroker:
-    """Start the broker on ``config.listen``; the returned broker reports the port it bound."""
-    reference_values = ReferenceValues.load(config.reference_values)
+    """Start the broker on ``config.listen``; the returned broker reports the port it bound.
+
+    Raises ``ReferenceValuesInvalid`` or :class:`ServeError` (EAR signing key unusable, port
+    taken) when it cannot start.
+    """
+    reference_values = ReferenceValuesFile(config.reference_values)
+    try:
+        signing_key = ear_key.load_or_create(config.ear_signing_key_path)
+    except ear_key.EarKeyError as exc:
+        raise ServeError(str(exc)) from None
     credentials = server_credentials(config.tls)
     engine = db.open_database(config.database)
     registry = Registry(
@@ -296,6 +339,8 @@ def serve(
         evict_after_missed=config.evict_after_missed,
         challenge_ttl_s=config.challenge_ttl_s,
         clock=clock,
+        ear_signing_key=signing_key,
+        reappraise_interval_s=config.reappraise_interval_s,
     )
     links = EnclaveLinks(config.tls)
     dispatcher = Dispatcher(
@@ -304,6 +349,8 @@ def serve(
         strategy=config.strategy,
         timeout_s=config.enclave_call_timeout_s,
         clock=clock,
+        policy=config.policy,
+        quotas=QuotaStore(engine, clock) if config.policy is not None else None,
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="broker-rpc"),
@@ -318,9 +365,13 @@ def serve(
     server.start()
     eviction = EvictionLoop(registry, interval_s=config.heartbeat_interval_s)
     eviction.start()
+    reappraisal = ReappraisalLoop(registry)
+    reappraisal.start()
     host = config.listen.rpartition(":")[0]
     log.info("broker listening address=%s:%d strategy=%s", host, port, config.strategy)
-    return RunningBroker(server, host, port, registry, dispatcher, links, health_servicer, eviction)
+    return RunningBroker(
+        server, host, port, registry, dispatcher, links, health_servicer, eviction, reappraisal
+    )
 
 
 def _add_services(
@@ -330,6 +381,7 @@ def _add_services(
     broker_pb2_grpc.add_EdgeGatewayServicer_to_server(
         EdgeGatewayServicer(config, registry, dispatcher), server
     )
+    add_training_service(server, config, registry)  # docs/training.md
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICE_NAMES):

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +26,13 @@ from edge_agent.config import AppConfig
 from edge_agent.dispatcher import RequestRecord
 from edge_agent.errors import ApiError, internal_error
 from edge_agent.runtime import EdgeRuntime
+from edge_agent.training import routes as training_routes
 
 log = logging.getLogger("sovra.edge")
 
 _RECORD = "sovra_record"
 _APP = "sovra_app"
+CONVERSATION_HEADER = "x-sovra-conversation"
 
 
 # -- request bodies ------------------------------------------------------------------------------
@@ -173,10 +176,14 @@ def create_app(runtime: EdgeRuntime) -> FastAPI:
     @app.get("/v1/models")
     async def list_models(app_cfg: AuthenticatedApp) -> dict[str, Any]:
         models = await dispatcher.models_for(app_cfg)
-        return {"object": "list", "data": [_model_object(m) for m in models]}
+        trained = training_routes.model_objects(runtime.training, app_cfg.name)
+        return {"object": "list", "data": [_model_object(m) for m in models] + trained}
 
     @app.get("/v1/models/{model}")
     async def get_model(model: str, app_cfg: AuthenticatedApp) -> Any:
+        for trained in training_routes.model_objects(runtime.training, app_cfg.name):
+            if trained["id"] == model:
+                return trained
         if model not in await dispatcher.models_for(app_cfg):
             raise ApiError(404, "model_not_found", f"the model {model!r} is not available")
         return _model_object(model)
@@ -186,17 +193,24 @@ def create_app(runtime: EdgeRuntime) -> FastAPI:
         await dispatcher.refresh_tolerant()
         return {"object": "list", "data": runtime.trusted.snapshot()}
 
+    @app.get("/v1/sovra/policy")
+    async def policy_status(app_cfg: AuthenticatedApp) -> dict[str, Any]:
+        status = runtime.policy.status()
+        status.pop("location", None)  # a path on this server: not the app's business
+        return {"object": "sovra.policy_status", "policy_id": runtime.policy.policy_id, **status}
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request, app_cfg: AuthenticatedApp) -> Any:
         body = await read_json_object(request, limit)
         parsed = _parse(ChatCompletionRequest, body)
         rec = record(request, app_cfg, parsed.model, "chat", parsed.stream)
+        conversation = request.headers.get(CONVERSATION_HEADER)
         if parsed.stream:
-            events = await dispatcher.stream(rec, body)
+            events = await dispatcher.stream(rec, body, conversation=conversation)
             return StreamingResponse(
                 events, media_type="text/event-stream", headers=_stream_headers(rec)
             )
-        result = await dispatcher.complete(rec, body)
+        result = await dispatcher.complete(rec, body, conversation=conversation)
         return JSONResponse(result, headers=_headers(rec))
 
     @app.post("/v1/embeddings")
@@ -207,6 +221,7 @@ def create_app(runtime: EdgeRuntime) -> FastAPI:
         result = await dispatcher.complete(rec, body)
         return JSONResponse(result, headers=_headers(rec))
 
+    training_routes.install(app, runtime.training, authenticated, read_json_object, limit)
     return app
 
 
@@ -215,7 +230,21 @@ def _model_object(model: str) -> dict[str, Any]:
 
 
 def _headers(rec: RequestRecord | None) -> dict[str, str]:
-    return {"x-request-id": rec.request_id_hex} if rec is not None else {}
+    if rec is None:
+        return {}
+    headers = {"x-request-id": rec.request_id_hex}
+    d = rec.decision
+    if d is not None:  # what the policy decided (names only; never values)
+        headers["x-sovra-policy"] = _header_value(d.policy_id)
+        headers["x-sovra-decision"] = d.effect
+        headers["x-sovra-rule"] = _header_value(d.rule_id)
+        headers["x-sovra-labels"] = ",".join(_header_value(c) for c in d.classes)
+    return headers
+
+
+def _header_value(text: str) -> str:
+    # Policy names are the customer's; percent-encode anything that is not plain ASCII.
+    return quote(text, safe="-_.:@/+ ")[:256]
 
 
 def _stream_headers(rec: RequestRecord) -> dict[str, str]:

@@ -45,6 +45,7 @@ class Listing:
 
     generation: int
     descriptors: tuple[broker_pb2.EnclaveDescriptor, ...]
+    ear_verifier_key: str = ""  # the broker's EAR key (PEM), to record its view of each key
 
 
 class StreamCall:
@@ -134,7 +135,7 @@ class BrokerClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise _call_error(exc) from None
-            self._listing = Listing(seen + 1, tuple(reply.enclaves))
+            self._listing = Listing(seen + 1, tuple(reply.enclaves), reply.ear_verifier_key)
             self._fetched_at = self._clock()
         return self._listing
 

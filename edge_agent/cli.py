@@ -1,4 +1,4 @@
-"""``sovra edge ...`` subcommands: serve, api-key, audit verify|tail.
+"""``sovra edge ...`` subcommands: serve, api-key, enclaves, audit verify|tail.
 
 ``register(subparsers)`` adds the ``edge`` group to the top-level ``sovra`` parser; each leaf
 sets ``func(args) -> int`` (the exit code).
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_agent import audit_cli
 from edge_agent.config import ConfigError, EdgeConfig
 
 
@@ -28,15 +29,17 @@ def register(subparsers: Any) -> None:
     api_key.add_argument("--app", default="my-app", help="app name for the printed snippet")
     api_key.set_defaults(func=_api_key)
 
-    audit = sub.add_parser("audit", help="inspect the audit chain")
-    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="verify the hash chain; exit 1 if broken")
-    _config_arg(verify)
-    verify.set_defaults(func=_audit_verify)
-    tail = audit_sub.add_parser("tail", help="print the last entries as JSON lines")
-    _config_arg(tail)
-    tail.add_argument("-n", type=int, default=20, help="number of entries (default 20)")
-    tail.set_defaults(func=_audit_tail)
+    enclaves = sub.add_parser(
+        "enclaves",
+        help="fetch the broker's enclave directory and verify every key with this edge's "
+        "reference values",
+    )
+    _config_arg(enclaves)
+    enclaves.add_argument("--json", action="store_true", help="print one JSON object")
+    enclaves.set_defaults(func=_enclaves)
+
+    audit = sub.add_parser("audit", help="inspect the audit chain (also: sovra audit ...)")
+    audit_cli.add_commands(audit)  # one implementation for `sovra edge audit` and `sovra audit`
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -78,34 +81,69 @@ def _api_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_verify(args: argparse.Namespace) -> int:
-    from sovra.audit import AuditLog
+def _enclaves(args: argparse.Namespace) -> int:
+    """What this edge would trust right now, judged locally; nothing is written or audited."""
+    import asyncio
+
+    from attestation.errors import ReferenceValuesInvalid
+    from attestation.reference_values import ReferenceValues
+    from edge_agent.broker_client import BrokerCallError, BrokerClient
+    from edge_agent.trusted_set import TrustedEnclaveSet
+    from sovra.tls import TLSConfigError
 
     config = _load(args.config)
     if config is None:
         return 2
-    if not config.audit_path.exists():
-        print(f"error: no audit log at {config.audit_path}", file=sys.stderr)
-        return 2
-    with AuditLog(config.audit_path) as audit:
-        report = audit.verify()
-    if report.ok:
-        print(f"ok: {report.entries} entries, chain intact")
+    try:
+        rv = ReferenceValues.load(config.reference_values)
+        config.tls.load()
+    except (ReferenceValuesInvalid, TLSConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    async def fetch() -> tuple[tuple[Any, ...], str]:
+        client = BrokerClient(
+            config.broker, config.tls, refresh_s=0, request_timeout_s=config.request_ttl_s
+        )
+        await client.open()
+        try:
+            listing = await client.list_enclaves(force=True)
+        finally:
+            await client.close()
+        return listing.descriptors, listing.ear_verifier_key
+
+    try:
+        descriptors, ear_key = asyncio.run(fetch())
+    except BrokerCallError as exc:
+        print(f"error: cannot list enclaves at {config.broker}: {exc}", file=sys.stderr)
+        return 1
+    trusted = TrustedEnclaveSet(rv)
+    trusted.sync(descriptors, broker_ear_key=ear_key)
+    rows = trusted.snapshot(details=True)
+    if args.json:
+        doc = {"broker": config.broker, "reference_values": rv.source, "enclaves": rows}
+        print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
-    print(f"BROKEN at entry {report.first_bad_seq}: {report.reason}", file=sys.stderr)
-    return 1
-
-
-def _audit_tail(args: argparse.Namespace) -> int:
-    from sovra.audit import AuditLog
-
-    config = _load(args.config)
-    if config is None:
-        return 2
-    if not config.audit_path.exists():
-        print(f"error: no audit log at {config.audit_path}", file=sys.stderr)
-        return 2
-    with AuditLog(config.audit_path) as audit:
-        for entry in audit.tail(args.n):
-            print(json.dumps(entry.to_json_dict(), sort_keys=True))
+    print(f"broker {config.broker}; judged with {rv.source}")
+    if not rows:
+        print("(the broker lists no enclave keys)")
+    for row in rows:
+        print(_enclave_line(row))
     return 0
+
+
+def _enclave_line(row: dict[str, Any]) -> str:
+    from datetime import UTC, datetime
+
+    head = f"{row['enclave_id']} epoch {row['epoch']}: {row['status']}"
+    if row["status"] == "refused":
+        return f"{head} ({row['reason']}): {row['detail']}"
+    expires = datetime.fromtimestamp(row["expires_at_ms"] / 1000, UTC).isoformat(timespec="seconds")
+    return (
+        f"{head}{' SIMULATED' if row['simulated'] else ''} region={row['region'] or '-'} "
+        f"tee={row['tee_type']} expires={expires} broker_ear={row['broker_ear']}"
+    )
+
+
+_audit_verify = audit_cli.run_verify
+_audit_tail = audit_cli.run_tail

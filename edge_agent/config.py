@@ -11,7 +11,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
+from edge_agent.training.config import TrainingConfig, parse_training
 from sovra import suites
 from sovra.envelope import MAX_RECIPIENTS
 from sovra.pki import Identity
@@ -29,7 +31,23 @@ _TOP_OPTIONAL: Final = (
     "directory_refresh_s",
     "constraints",
     "apps",
+    "policy",
+    "training",
 )
+_POLICY_KEYS: Final = (
+    "source",
+    "path",
+    "rev",
+    "allowed_signers",
+    "poll_s",
+    "allow_rollback",
+    "mapping_key",
+    "mapping_db",
+    "mapping_ttl_s",
+    "local_upstream",
+    "local_model",
+)
+_LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "::1")
 
 
 class ConfigError(Exception):
@@ -51,6 +69,26 @@ class ConstraintsConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """``[policy]``: where the data-sovereignty policy comes from (docs/edge.md, docs/policy.md).
+
+    Without this section the edge runs on the config allow-list (``[[apps]] models``).
+    """
+
+    source: str  # "git" | "dir"
+    path: Path
+    mapping_key: Path
+    mapping_db: Path
+    rev: str = "HEAD"
+    allowed_signers: Path | None = None
+    poll_s: int = 60  # 0: reload only on SIGHUP
+    allow_rollback: bool = False
+    mapping_ttl_s: int = 3600
+    local_upstream: str = ""  # OpenAI-compatible base URL on loopback, for keep-local
+    local_model: str = ""  # model name to ask the local upstream for (default: the same)
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     tenant: str
     listen_host: str
@@ -66,6 +104,8 @@ class EdgeConfig:
     directory_refresh_s: int = 30
     constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
     apps: tuple[AppConfig, ...] = ()
+    policy: PolicyConfig | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     source: str = "<memory>"
 
     @property
@@ -101,11 +141,12 @@ class EdgeConfig:
         suite = r.string(doc, "suite", suites.DEFAULT_SUITE)
         if suite not in suites.SUITES:
             raise ConfigError(f"{source}: suite: {suite!r} is not one of {sorted(suites.SUITES)}")
+        state_dir = r.path(doc, "state_dir")
         return cls(
             tenant=tenant,
             listen_host=host,
             listen_port=port,
-            state_dir=r.path(doc, "state_dir"),
+            state_dir=state_dir,
             broker=f"{broker_host}:{broker_port}",
             reference_values=r.path(doc, "reference_values"),
             tls=r.tls(doc.get("tls")),
@@ -116,6 +157,8 @@ class EdgeConfig:
             directory_refresh_s=r.integer(doc, "directory_refresh_s", 30, 1, 86400),
             constraints=r.constraints(doc.get("constraints", {})),
             apps=r.apps(doc.get("apps", [])),
+            policy=r.policy(doc["policy"], state_dir) if "policy" in doc else None,
+            training=parse_training(doc.get("training", {}), r.fail),
             source=source,
         )
 
@@ -204,7 +247,7 @@ class _Reader:
         apps: list[AppConfig] = []
         for i, item in enumerate(items):
             prefix = f"apps[{i}]."
-            self.keys(item, prefix, ("name", "key_sha256", "models"), ())
+            self.keys(item, prefix, ("name", "key_sha256"), ("models",))
             name = item["name"]
             if not isinstance(name, str) or not _APP_NAME.fullmatch(name):
                 raise self.fail(prefix + "name", "must be 1-64 characters from [A-Za-z0-9._-]")
@@ -214,6 +257,73 @@ class _Reader:
             apps.append(AppConfig(name, digest, self.strings(item, "models", prefix)))
         self._unique(apps)
         return tuple(apps)
+
+    def policy(self, table: Any, state_dir: Path) -> PolicyConfig:
+        self.keys(table, "policy.", ("source", "path"), _POLICY_KEYS)
+        source = table["source"]
+        if source not in ("git", "dir"):
+            raise self.fail("policy.source", f'must be "git" or "dir", got {source!r}')
+        signers: Path | None = None
+        if source == "git":
+            if "allowed_signers" not in table:
+                raise self.fail("policy.allowed_signers", 'required when source = "git"')
+            signers = self.path(table, "allowed_signers", "policy.")
+        else:
+            for key in ("allowed_signers", "rev", "allow_rollback"):
+                if key in table:
+                    raise self.fail("policy." + key, 'only valid with source = "git"')
+        rev = table.get("rev", "HEAD")
+        if not isinstance(rev, str) or not rev or rev.startswith("-"):
+            raise self.fail("policy.rev", "must be a branch, tag or commit (not starting with '-')")
+        rollback = table.get("allow_rollback", False)
+        if not isinstance(rollback, bool):
+            raise self.fail("policy.allow_rollback", "must be true or false")
+        upstream = table.get("local_upstream", "")
+        if upstream != "":
+            upstream = self._loopback_url(upstream)
+        local_model = table.get("local_model", "")
+        if not isinstance(local_model, str):
+            raise self.fail("policy.local_model", "must be a string")
+        return PolicyConfig(
+            source=source,
+            path=self.path(table, "path", "policy."),
+            rev=rev,
+            allowed_signers=signers,
+            poll_s=self.integer(table, "poll_s", 60, 0, 86400),
+            allow_rollback=rollback,
+            mapping_key=(
+                self.path(table, "mapping_key", "policy.")
+                if "mapping_key" in table
+                else state_dir / "pseudonym-mapping.key"
+            ),
+            mapping_db=(
+                self.path(table, "mapping_db", "policy.")
+                if "mapping_db" in table
+                else state_dir / "pseudonyms.db"
+            ),
+            mapping_ttl_s=self.integer(table, "mapping_ttl_s", 3600, 1, 30 * 86400),
+            local_upstream=upstream,
+            local_model=local_model,
+        )
+
+    def _loopback_url(self, value: Any) -> str:
+        key = "policy.local_upstream"
+        if not isinstance(value, str):
+            raise self.fail(key, "must be a URL string")
+        try:
+            parsed = urlsplit(value)
+            host = parsed.hostname or ""
+            parsed.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise self.fail(key, f"{value!r} is not a valid URL") from None
+        if parsed.scheme not in ("http", "https") or not host:
+            raise self.fail(key, f"{value!r} must be an http(s) URL")
+        if host not in _LOOPBACK_HOSTS and not host.startswith("127."):
+            raise self.fail(
+                key,
+                f"host {host!r} is not loopback: keep-local requests must stay on this machine",
+            )
+        return value.rstrip("/")
 
     def _unique(self, apps: list[AppConfig]) -> None:
         names = [a.name for a in apps]

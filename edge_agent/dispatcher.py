@@ -17,10 +17,20 @@ from typing import Any, Final
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from edge_agent import content
 from edge_agent.broker_client import BrokerCallError, BrokerClient, StreamCall
 from edge_agent.config import AppConfig, EdgeConfig
 from edge_agent.errors import ApiError, ReplyIntegrityError, internal_error
-from edge_agent.policy import ConfigPolicy, Decision
+from edge_agent.local_model import LocalModel
+from edge_agent.policy import (
+    Assessment,
+    ConstraintConflict,
+    Decision,
+    InputTooLarge,
+    PolicyDecider,
+    PolicyUnavailable,
+    sealed_constraints,
+)
 from edge_agent.sealing import (
     ReplyOpener,
     RequestMeta,
@@ -33,7 +43,8 @@ from edge_agent.sealing import (
 from edge_agent.trusted_set import Clock, TrustedEnclaveSet, TrustedKey, wall_clock_ms
 from sovra import suites
 from sovra.audit import AuditLog
-from sovra.envelope import new_request_id
+from sovra.envelope import Constraints, new_request_id
+from sovra.policy import MappingStore, MappingStoreError, Pseudonymiser, PseudonymiserFull
 
 log = logging.getLogger("sovra.edge")
 
@@ -41,6 +52,8 @@ AUDIT_KIND: Final = "request"
 PURPOSE: Final = "inference"
 SSE_DONE: Final = b"data: [DONE]\n\n"
 STATUS_CLIENT_GONE: Final = 499  # nginx's "client closed request": no reply could be sent
+DESTINATION_LOCAL: Final = "local"
+_REASON_CHARS: Final = 300
 
 
 @dataclass
@@ -54,6 +67,8 @@ class RequestRecord:
     stream: bool
     started: float = field(default_factory=time.monotonic)
     decision: Decision | None = None
+    purpose: str = PURPOSE
+    destination: str | None = None  # the policy's destination, or "local" (keep-local)
     enclaves: tuple[tuple[str, int, bool], ...] = ()  # id, epoch, simulated (verified)
     served_by: str | None = None
     outcome: str = "pending"
@@ -73,9 +88,14 @@ class RequestRecord:
             "model": self.model,
             "op": self.op,
             "stream": self.stream,
+            "purpose": self.purpose,
             "decision": d.effect if d else None,
             "rule": d.rule_id if d else None,
             "policy_id": d.policy_id if d else None,
+            # Classes and entity counts, never the values found.
+            "classes": list(d.classes) if d else [],
+            "entity_counts": dict(d.entity_counts) if d else {},
+            "destination": self.destination,
             "enclaves": [{"id": e, "epoch": n, "simulated": sim} for e, n, sim in self.enclaves],
             "served_by": self.served_by,
             "outcome": self.outcome,
@@ -106,7 +126,25 @@ def broker_error(exc: BrokerCallError) -> ApiError:
         return ApiError(502, "broker_rejected_request", detail)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ApiError(504, "upstream_timeout", detail)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a broker quota (the message names it)
+        return ApiError(429, "quota_exceeded", detail)
     return ApiError(502, "broker_error", f"{detail} ({code.name})")
+
+
+@dataclass(eq=False)
+class _Plan:
+    """What the policy made of one request: the body to send (pseudonymised if so decided),
+    the sealed constraints, and the mapping to restore the reply with."""
+
+    assessment: Assessment
+    body: dict[str, Any] = field(repr=False)
+    constraints: Constraints | None = None
+    pseudonymiser: Pseudonymiser | None = field(default=None, repr=False)
+    local: bool = False
+
+    @property
+    def decision(self) -> Decision:
+        return self.assessment.decision
 
 
 class Dispatcher:
@@ -114,15 +152,21 @@ class Dispatcher:
         self,
         config: EdgeConfig,
         *,
-        policy: ConfigPolicy,
+        policy: PolicyDecider,
         trusted: TrustedEnclaveSet,
         broker: BrokerClient,
         signing_key: ed25519.Ed25519PrivateKey,
         audit: AuditLog,
         clock: Clock = wall_clock_ms,
+        mappings: MappingStore | None = None,
+        mapping_ttl_s: int = 3600,
+        local: LocalModel | None = None,
     ) -> None:
         self._config = config
         self._policy = policy
+        self._mappings = mappings
+        self._mapping_ttl_s = mapping_ttl_s
+        self._local = local
         self._trusted = trusted
         self._broker = broker
         self._signing_key = signing_key
@@ -138,15 +182,25 @@ class Dispatcher:
 
     # -- unary ----------------------------------------------------------------------------------
 
-    async def complete(self, rec: RequestRecord, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, rec: RequestRecord, body: dict[str, Any], *, conversation: str | None = None
+    ) -> dict[str, Any]:
+        """``conversation``: the app's ``X-Sovra-Conversation`` header, if it sent one."""
         try:
-            sealed, candidates = await self._prepare(rec, body)
-            try:
-                reply = await self._broker.dispatch(sealed.envelope)
-            except BrokerCallError as exc:
-                raise broker_error(exc) from None
-            self._served_by(rec, candidates, reply.enclave_id)
-            result = open_unary(sealed.secrets, reply.frame)
+            plan = self._decide(rec, body, conversation)
+            if plan.local:
+                assert self._local is not None
+                result = await self._local.complete(rec.op, plan.body)
+            else:
+                sealed, candidates = await self._prepare(rec, plan)
+                try:
+                    reply = await self._broker.dispatch(sealed.envelope)
+                except BrokerCallError as exc:
+                    raise self._broker_refusal(rec, exc) from None
+                self._served_by(rec, candidates, reply.enclave_id)
+                result = open_unary(sealed.secrets, reply.frame)
+                if plan.pseudonymiser is not None:
+                    result = content.restore_reply(result, plan.pseudonymiser)
         except ApiError as err:
             self._fail(rec, err)
             raise
@@ -157,11 +211,16 @@ class Dispatcher:
 
     # -- streaming ------------------------------------------------------------------------------
 
-    async def stream(self, rec: RequestRecord, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def stream(
+        self, rec: RequestRecord, body: dict[str, Any], *, conversation: str | None = None
+    ) -> AsyncIterator[bytes]:
         """Reads up to the first chunk (so early errors are HTTP errors), then streams SSE."""
         call: StreamCall | None = None
         try:
-            sealed, candidates = await self._prepare(rec, body)
+            plan = self._decide(rec, body, conversation)
+            if plan.local:
+                return await self._local_stream(rec, plan)
+            sealed, candidates = await self._prepare(rec, plan)
             call = self._broker.dispatch_stream(sealed.envelope)
             opener = ReplyOpener(sealed.secrets)
             first = await self._next_chunk(rec, candidates, call, opener)
@@ -172,7 +231,8 @@ class Dispatcher:
         except Exception as exc:
             _cancel(call)
             raise self._internal(rec, exc) from None
-        return self._events(rec, candidates, call, opener, first)
+        restorer = None if plan.pseudonymiser is None else content.ChunkRestorer(plan.pseudonymiser)
+        return self._events(rec, candidates, call, opener, first, restorer)
 
     async def _events(
         self,
@@ -181,12 +241,16 @@ class Dispatcher:
         call: StreamCall,
         opener: ReplyOpener,
         chunk: dict[str, Any] | None,
+        restorer: content.ChunkRestorer | None = None,
     ) -> AsyncIterator[bytes]:
         failure: ApiError | None = None
         try:
             while chunk is not None:
-                yield sse_event(chunk)
+                yield sse_event(chunk if restorer is None else restorer.chunk(chunk))
                 chunk = await self._next_chunk(rec, candidates, call, opener)
+            tail = restorer.flush() if restorer is not None else None
+            if tail is not None:
+                yield sse_event(tail)
             self._succeed(rec)
         except ApiError as err:
             failure = err
@@ -214,7 +278,7 @@ class Dispatcher:
             try:
                 reply = await call.read()
             except BrokerCallError as exc:
-                raise broker_error(exc) from None
+                raise self._broker_refusal(rec, exc) from None
             if reply is None:
                 opener.finish()  # raises: the stream ended without its end marker
                 return None
@@ -226,26 +290,125 @@ class Dispatcher:
 
     # -- shared steps ---------------------------------------------------------------------------
 
-    async def _prepare(
-        self, rec: RequestRecord, body: dict[str, Any]
-    ) -> tuple[SealedRequest, list[TrustedKey]]:
-        if rec.model not in self._configured_models | self._trusted.listed_models():
+    def _decide(self, rec: RequestRecord, body: dict[str, Any], conversation: str | None) -> _Plan:
+        """Model known -> policy decision -> (keep local | constraints, pseudonymised body)."""
+        if conversation is not None:
+            content.check_conversation_header(conversation)
+        known = self._configured_models | self._policy.known_models()
+        if rec.model not in known | self._trusted.listed_models():
             raise ApiError(
                 404,
                 "model_not_found",
                 f"the model {rec.model!r} does not exist or you do not have access to it",
                 param="model",
             )
-        decision = self._policy.decide(rec.app, PURPOSE, rec.model)
+        texts = content.texts_of(body) if self._policy.classifies else []
+        try:
+            assessment = self._policy.assess(rec.app, rec.purpose, rec.model, texts)
+        except InputTooLarge as exc:
+            raise ApiError(413, "request_too_large", str(exc)) from None
+        except PolicyUnavailable as exc:
+            raise ApiError(503, "policy_unavailable", str(exc)) from None
+        decision = assessment.decision
         rec.decision = decision
-        if not decision.allowed:
+        where = f"policy rule {decision.rule_id!r} ({decision.policy_id})"
+        if decision.effect == "deny":
+            raise ApiError(403, "policy_denied", f"denied by {where}: {decision.reason}")
+        if decision.effect == "keep-local":
+            if self._local is None:
+                raise ApiError(
+                    403,
+                    "keep_local",
+                    f"{where} keeps this request on the premises and this edge has no local "
+                    f"model ([policy] local_upstream): {decision.reason}",
+                )
+            rec.destination = DESTINATION_LOCAL
+            return _Plan(assessment, body, local=True)
+        try:
+            constraints = sealed_constraints(self._constraints, decision)
+        except ConstraintConflict as exc:
+            raise ApiError(403, "policy_denied", f"denied by {where}: {exc}") from None
+        rec.destination = decision.destination
+        if not assessment.rewrites:
+            return _Plan(assessment, body, constraints)
+        conversation_id = content.conversation_id(rec.app, conversation, body)
+        pseudonymiser = self._mapping_for(conversation_id)
+        try:
+            outbound = content.replace_texts(body, assessment.outbound(texts, pseudonymiser))
+        except PseudonymiserFull:
             raise ApiError(
-                403,
-                "policy_denied",
-                f"denied by policy rule {decision.rule_id!r} ({decision.policy_id}): "
-                f"{decision.reason}",
-            )
-        candidates = await self._candidates(rec.model)
+                413,
+                "conversation_too_large",
+                "this conversation's pseudonym mapping is full; start a new conversation",
+            ) from None
+        self._keep_mapping(conversation_id, pseudonymiser)
+        return _Plan(assessment, outbound, constraints, pseudonymiser)
+
+    def _mapping_for(self, conversation_id: str | None) -> Pseudonymiser:
+        if conversation_id is None or self._mappings is None:
+            return Pseudonymiser()
+        try:
+            found = self._mappings.get(conversation_id)
+        except (MappingStoreError, ValueError) as exc:
+            # Unusable (tampered, wrong key): start afresh rather than fail the request.
+            log.warning("pseudonym mapping unusable, starting a new one: %s", type(exc).__name__)
+            return Pseudonymiser()
+        return found if found is not None else Pseudonymiser()
+
+    def _keep_mapping(self, conversation_id: str | None, pseudonymiser: Pseudonymiser) -> None:
+        if conversation_id is None or self._mappings is None or not len(pseudonymiser):
+            return
+        try:
+            self._mappings.put(conversation_id, pseudonymiser, self._mapping_ttl_s)
+        except Exception as exc:  # the reply is restored from memory; later turns renumber
+            log.warning("could not store a pseudonym mapping: %s", type(exc).__name__)
+
+    async def _local_stream(self, rec: RequestRecord, plan: _Plan) -> AsyncIterator[bytes]:
+        assert self._local is not None
+        chunks = self._local.stream(plan.body)
+        first = await anext(chunks, None)
+        return self._local_events(rec, chunks, first)
+
+    async def _local_events(
+        self,
+        rec: RequestRecord,
+        chunks: AsyncIterator[dict[str, Any]],
+        chunk: dict[str, Any] | None,
+    ) -> AsyncIterator[bytes]:
+        failure: ApiError | None = None
+        try:
+            while chunk is not None:
+                yield sse_event(chunk)
+                chunk = await anext(chunks, None)
+            self._succeed(rec)
+        except ApiError as err:
+            failure = err
+            self._fail(rec, err)
+        except Exception as exc:
+            failure = self._internal(rec, exc)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if not rec.finished:
+                rec.outcome, rec.status = "client_disconnected", STATUS_CLIENT_GONE
+                self._finish(rec)
+        if failure is not None:
+            yield sse_event(failure.body())
+        yield SSE_DONE
+
+    def _broker_refusal(self, rec: RequestRecord, exc: BrokerCallError) -> ApiError:
+        """The error for the app; the broker's (or enclave's) reason goes into the audit."""
+        rec.reason = f"{exc.code.name}: {(exc.details or '')[:_REASON_CHARS]}"
+        log.warning("broker refused rid=%s status=%s", rec.request_id_hex, exc.code.name)
+        return broker_error(exc)
+
+    async def _prepare(
+        self, rec: RequestRecord, plan: _Plan
+    ) -> tuple[SealedRequest, list[TrustedKey]]:
+        decision = plan.decision
+        constraints = plan.constraints if plan.constraints is not None else self._constraints
+        candidates = await self._candidates(rec.model, constraints)
         rec.enclaves = tuple((c.enclave_id, c.epoch, c.result.simulated) for c in candidates)
         meta = RequestMeta(
             suite=self._config.suite,
@@ -256,26 +419,29 @@ class Dispatcher:
             operation=rec.op,
             stream=rec.stream,
             policy_id=decision.policy_id,
-            constraints=self._constraints,
+            constraints=constraints,
             issued_at_ms=self._clock(),
             ttl_s=self._config.request_ttl_s,
+            labels=decision.classes,
         )
-        return seal(meta, body, candidates, self._signing_key), candidates
+        return seal(meta, plan.body, candidates, self._signing_key), candidates
 
-    async def _candidates(self, model: str) -> list[TrustedKey]:
+    async def _candidates(
+        self, model: str, constraints: Constraints | None = None
+    ) -> list[TrustedKey]:
         """Verified candidates; refresh the directory once on demand when there are none."""
         error: BrokerCallError | None = None
         try:
             await self.refresh()
         except BrokerCallError as exc:
             error = exc
-        found = self._pick(model)
+        found = self._pick(model, constraints)
         if not found and error is None:
             try:
                 await self.refresh(force=True)
             except BrokerCallError as exc:
                 error = exc
-            found = self._pick(model)
+            found = self._pick(model, constraints)
         if found:
             return found
         if error is not None:
@@ -286,16 +452,16 @@ class Dispatcher:
             f"no enclave verified by this edge serves {model!r} within its constraints",
         )
 
-    def _pick(self, model: str) -> list[TrustedKey]:
+    def _pick(self, model: str, constraints: Constraints | None = None) -> list[TrustedKey]:
         return self._trusted.candidates(
-            model, self._config.candidates, self._constraints, kem=self._kem
+            model, self._config.candidates, constraints or self._constraints, kem=self._kem
         )
 
     async def refresh(self, *, force: bool = False) -> None:
         """Bring the trusted set up to the broker's directory (cached for refresh_s)."""
         listing = await self._broker.list_enclaves(force=force)
         if listing.generation != self._synced_generation:
-            self._trusted.sync(listing.descriptors)
+            self._trusted.sync(listing.descriptors, broker_ear_key=listing.ear_verifier_key)
             self._synced_generation = listing.generation
 
     async def refresh_tolerant(self) -> None:
@@ -312,7 +478,7 @@ class Dispatcher:
     async def models_for(self, app: AppConfig) -> list[str]:
         await self.refresh_tolerant()
         served = self._trusted.models(self._constraints, kem=self._kem)
-        return [m for m in app.models if m in served]
+        return self._policy.app_models(app, served)
 
     def _served_by(
         self, rec: RequestRecord, candidates: Sequence[TrustedKey], enclave_id: str

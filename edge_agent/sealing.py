@@ -56,6 +56,7 @@ class RequestMeta:
     constraints: Constraints
     issued_at_ms: int
     ttl_s: int
+    labels: tuple[str, ...] = ()  # data classes the policy found (sealed into the header)
 
 
 def header_constraints(cfg: ConstraintsConfig) -> Constraints:
@@ -77,7 +78,7 @@ def build_header(meta: RequestMeta, candidates: Sequence[TrustedKey], edge_key: 
         model=meta.model,
         operation=meta.operation,
         stream=meta.stream,
-        labels=(),
+        labels=meta.labels,
         constraints=meta.constraints,
         policy_id=meta.policy_id,
         issued_at_ms=meta.issued_at_ms,
@@ -95,9 +96,16 @@ def seal(
 ) -> SealedRequest:
     """Seal ``body`` to the verified ``candidates`` (from the trusted set, never elsewhere)."""
     header = build_header(meta, candidates, signing_key.public_key().public_bytes_raw())
-    payload = json.dumps(
-        {"op": meta.operation, "body": body}, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    try:
+        payload = json.dumps(
+            {"op": meta.operation, "body": body}, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: not text
+        raise ApiError(
+            400,
+            "invalid_request",
+            "request body holds a string that is not valid Unicode (unpaired surrogate)",
+        ) from None
     envelope, secrets = seal_request(
         header, payload, [(c.recipient, c.public_key) for c in candidates], signing_key
     )

@@ -2,7 +2,8 @@
 or in the foreground (:func:`run`, for the CLI and systemd: SIGTERM stops it cleanly).
 
 systemd ``Type=notify``: ``READY=1`` is sent once the socket listens, ``STOPPING=1`` when
-shutdown begins.
+shutdown begins. SIGHUP (``systemctl reload``) reloads the policy in a background thread,
+between ``RELOADING=1`` and ``READY=1``.
 """
 
 from __future__ import annotations
@@ -124,12 +125,46 @@ def run(config: EdgeConfig) -> int:
     # the process would die "killed by SIGTERM" (status 143). The signal already did its work:
     # answer the re-raise with a no-op and exit 0.
     previous = _install_signal_handlers(lambda *_: None)
+    hangup = install_reload_handler(runtime)
     try:
         server.run()
     finally:
+        if hangup is not None:
+            signal.signal(signal.SIGHUP, hangup.previous or signal.SIG_DFL)
         _install_signal_handlers(previous)
         runtime.close()
     return 0 if server.started else 1
+
+
+class ReloadOnHangup:
+    """The SIGHUP handler: reload the policy in a background thread (git may take a while,
+    and a signal handler must not block the event loop). ``done`` is set after each reload."""
+
+    def __init__(self, runtime: EdgeRuntime, previous: Any = signal.SIG_DFL) -> None:
+        self.runtime = runtime
+        self.previous = previous
+        self.done = threading.Event()
+
+    def __call__(self, _signum: int, _frame: Any) -> None:
+        threading.Thread(target=self._reload, name="sovra-policy-reload", daemon=True).start()
+
+    def _reload(self) -> None:
+        try:
+            result = self.runtime.reload_from_signal()
+            log.info("policy reload on SIGHUP: %s", result)
+        except Exception as exc:  # never let a reload kill the process
+            log.error("policy reload on SIGHUP failed (%s)", type(exc).__name__)
+        finally:
+            self.done.set()
+
+
+def install_reload_handler(runtime: EdgeRuntime) -> ReloadOnHangup | None:
+    """Reload the policy on SIGHUP (main thread only; returns None elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = ReloadOnHangup(runtime, signal.getsignal(signal.SIGHUP))
+    signal.signal(signal.SIGHUP, handler)
+    return handler
 
 
 def _install_signal_handlers(handler: Any) -> Any:

@@ -24,6 +24,12 @@ Rules (every change here must keep them):
    not candidates (their verification stays cached).
 8. Every refusal has its own exception type (a :class:`Refused`); every admission and refusal is
    audited (enclave id, epoch, result, reason) and never holds key material.
+9. The edge keeps appraising with its OWN reference values: at every :meth:`sync` the reference
+   values file is re-read, and when it changed every cached verdict is dropped, so each listed
+   key is judged again (a revoked measurement is refused from that listing on). Verdicts also
+   lapse when the evidence ages out (rule 5) and are judged again on the current offer.
+10. The broker's EAR for a key is recorded next to the edge's own verdict (verified with the
+    broker's EAR key from the listing, else ``unverified``), never used instead of it.
 """
 
 from __future__ import annotations
@@ -35,10 +41,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestation import ear
 from attestation import errors as att
-from attestation.reference_values import ReferenceValues
+from attestation.reference_values import ReferenceValues, ReferenceValuesFile
 from attestation.verifier import AttestationResult, OfferedKey, verify_key
 from sovra import suites
 from sovra.audit import AuditLog
@@ -49,6 +59,10 @@ log = logging.getLogger(__name__)
 
 MAX_CACHED_REFUSALS: Final = 1024
 AUDIT_KIND: Final = "enclave"
+#: Broker EAR status when the listing carried no EAR key / the key carried no EAR / it failed.
+EAR_UNVERIFIED: Final = "unverified"
+EAR_ABSENT: Final = "absent"
+EAR_INVALID: Final = "invalid"
 
 Clock = Callable[[], int]
 
@@ -124,6 +138,7 @@ class TrustedKey:
     public_key: bytes = field(repr=False)
     key_sha256: str
     models: frozenset[str]
+    broker_ear: str = EAR_UNVERIFIED  # the broker's EAR status for this key (rule 10)
 
     @property
     def enclave_id(self) -> str:
@@ -159,7 +174,7 @@ _RefusalKey = tuple[str, int, str, str]  # ... plus sha256(evidence)
 class TrustedEnclaveSet:
     def __init__(
         self,
-        reference_values: ReferenceValues,
+        reference_values: ReferenceValues | ReferenceValuesFile,
         clock: Clock = wall_clock_ms,
         *,
         audit: AuditLog | None = None,
@@ -171,6 +186,28 @@ class TrustedEnclaveSet:
         self._refused: OrderedDict[_RefusalKey, Refused] = OrderedDict()
         self._listed: set[_CacheKey] = set()
         self._listed_refusals: list[Refused] = []
+        self._ear_key: ec.EllipticCurvePublicKey | None = None
+        self._ear_key_pem = ""
+
+    @property
+    def reference_values(self) -> ReferenceValues:
+        """The edge's reference values in effect (the last good version of the file)."""
+        rv = self._rv
+        return rv.values if isinstance(rv, ReferenceValuesFile) else rv
+
+    def recheck_reference_values(self) -> bool:
+        """Re-read the reference values file; if it changed, drop every cached verdict so the
+        next listing is judged anew under the new values. True if it changed."""
+        if not isinstance(self._rv, ReferenceValuesFile) or not self._rv.refresh():
+            return False
+        log.warning(
+            "reference values changed (generation %d): re-verifying %d cached enclave keys",
+            self._rv.generation,
+            len(self._verified),
+        )
+        self._verified.clear()
+        self._refused.clear()
+        return True
 
     # -- the door -----------------------------------------------------------------------------
 
@@ -188,8 +225,19 @@ class TrustedEnclaveSet:
             admitted.append(outcome)
         return admitted
 
-    def sync(self, descriptors: Iterable[broker_pb2.EnclaveDescriptor]) -> list[TrustedKey]:
-        """Make the latest directory listing the offer: admit all, retire what is not listed."""
+    def sync(
+        self,
+        descriptors: Iterable[broker_pb2.EnclaveDescriptor],
+        *,
+        broker_ear_key: str = "",
+    ) -> list[TrustedKey]:
+        """Make the latest directory listing the offer: admit all, retire what is not listed.
+
+        Re-reads the reference values first (rule 9). ``broker_ear_key``: the broker's EAR
+        verification key (PEM) from the listing, used only to record the broker's view.
+        """
+        self.recheck_reference_values()
+        self._set_ear_key(broker_ear_key)
         self._listed = set()
         self._listed_refusals = []
         admitted = [key for d in descriptors for key in self.admit(d)]
@@ -211,14 +259,48 @@ class TrustedEnclaveSet:
         refused = self._refused.get(refusal_key)
         if refused is not None:
             return refused
+        broker_ear, ear_detail = self._broker_ear(enclave_id, offered, now)
         try:
             trusted = self._verify(enclave_id, offered, models, now)
         except Refused as exc:
-            self._remember_refusal(refusal_key, exc)
+            self._remember_refusal(refusal_key, exc, broker_ear, ear_detail)
             return exc
+        trusted = replace(trusted, broker_ear=broker_ear)
         self._verified[key] = trusted
-        self._record_admission(trusted)
+        self._record_admission(trusted, ear_detail)
         return trusted
+
+    # -- the broker's view (recorded, never relied on) ------------------------------------------
+
+    def _set_ear_key(self, pem: str) -> None:
+        if pem == self._ear_key_pem:
+            return
+        self._ear_key_pem = pem
+        self._ear_key = None
+        if pem:
+            try:
+                self._ear_key = ear.load_public_key_pem(pem)
+            except ValueError as exc:
+                log.warning("broker EAR key not usable, broker EARs stay unverified: %s", exc)
+
+    def _broker_ear(
+        self, enclave_id: str, offered: broker_pb2.EnclaveKey, now_ms: int
+    ) -> tuple[str, str]:
+        """The broker's EAR status for this key and, if invalid, why."""
+        if self._ear_key is None:
+            return EAR_UNVERIFIED, ""
+        if not offered.ear:
+            return EAR_ABSENT, ""
+        when = datetime.fromtimestamp(now_ms / 1000, UTC)
+        try:
+            claims = ear.verify_ear(offered.ear, self._ear_key, now=when)
+        except att.AttestationError as exc:
+            return EAR_INVALID, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # hostile bytes must never take the edge down
+            return EAR_INVALID, f"the EAR could not be verified ({type(exc).__name__})"
+        if (claims.sovra.enclave_id, claims.sovra.epoch) != (enclave_id, offered.epoch):
+            return EAR_INVALID, "the EAR is about another enclave key"
+        return claims.status, ""
 
     def _verify(
         self, enclave_id: str, offered: broker_pb2.EnclaveKey, models: frozenset[str], now: int
@@ -238,11 +320,12 @@ class TrustedEnclaveSet:
             not_after_ms=offered.not_after_ms,
             evidence_format=offered.evidence_format,
             evidence=offered.evidence,
+            nonce=offered.nonce,
         )
         try:
-            result = verify_key(candidate, self._rv, now_ms=now)
+            result = verify_key(candidate, self.reference_values, now_ms=now)
         except att.AttestationError as exc:
-            refusal = _FROM_ATTESTATION.get(type(exc), NotAccepted)
+            refusal = _refusal_type(exc)
             raise refusal(enclave_id, epoch, str(exc)) from None
         except Exception as exc:
             # Hostile bytes must never take the edge down; they are simply not trusted.
@@ -291,8 +374,10 @@ class TrustedEnclaveSet:
         """Models the latest listing names for trusted keys (used to tell 404 from 503)."""
         return {m for k in self._listed_entries() for m in k.models}
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """The set as shown to operators: admitted and refused keys of the latest listing."""
+    def snapshot(self, *, details: bool = False) -> list[dict[str, Any]]:
+        """The set as shown to operators: admitted and refused keys of the latest listing.
+
+        ``details`` adds each refusal's reason text (``detail``), for operator tools."""
         now = self._clock()
         rows: list[dict[str, Any]] = []
         for key in sorted(self._listed_entries(), key=lambda k: (k.enclave_id, k.epoch)):
@@ -308,17 +393,19 @@ class TrustedEnclaveSet:
                     "measurement": r.measurement,
                     "expires_at_ms": r.expires_at_ms,
                     "models": sorted(key.models),
+                    "broker_ear": key.broker_ear,
                 }
             )
         for refusal in self._listed_refusals:
-            rows.append(
-                {
-                    "enclave_id": refusal.enclave_id,
-                    "epoch": refusal.epoch,
-                    "status": "refused",
-                    "reason": refusal.code,
-                }
-            )
+            row: dict[str, Any] = {
+                "enclave_id": refusal.enclave_id,
+                "epoch": refusal.epoch,
+                "status": "refused",
+                "reason": refusal.code,
+            }
+            if details:
+                row["detail"] = refusal.reason
+            rows.append(row)
         return rows
 
     def _listed_entries(self) -> list[TrustedKey]:
@@ -330,7 +417,9 @@ class TrustedEnclaveSet:
 
     # -- records ------------------------------------------------------------------------------
 
-    def _remember_refusal(self, key: _RefusalKey, refusal: Refused) -> None:
+    def _remember_refusal(
+        self, key: _RefusalKey, refusal: Refused, broker_ear: str, ear_detail: str
+    ) -> None:
         self._refused[key] = refusal
         while len(self._refused) > MAX_CACHED_REFUSALS:
             self._refused.popitem(last=False)
@@ -348,10 +437,12 @@ class TrustedEnclaveSet:
                 "result": "refused",
                 "reason": refusal.code,
                 "detail": refusal.reason,
+                "edge_verdict": "refused",
+                **_ear_fields(broker_ear, ear_detail),
             }
         )
 
-    def _record_admission(self, key: TrustedKey) -> None:
+    def _record_admission(self, key: TrustedKey, ear_detail: str = "") -> None:
         r = key.result
         log.info(
             "admitted enclave key: enclave=%s epoch=%d simulated=%s region=%s",
@@ -372,12 +463,31 @@ class TrustedEnclaveSet:
                 "measurement": r.measurement,
                 "expires_at_ms": r.expires_at_ms,
                 "key_sha256": key.key_sha256,
+                "edge_verdict": r.status,
+                "npus": [n.to_json_dict() for n in r.npus],
+                **_ear_fields(key.broker_ear, ear_detail),
             }
         )
 
     def _append(self, record: dict[str, Any]) -> None:
         if self._audit is not None:
             self._audit.append(AUDIT_KIND, record)
+
+
+def _refusal_type(exc: att.AttestationError) -> type[Refused]:
+    """The refusal for an attestation error, by its nearest mapped class (subclasses such as
+    ``CompositeBindingMismatch`` refuse like their parent)."""
+    for cls in type(exc).__mro__:
+        if cls in _FROM_ATTESTATION:
+            return _FROM_ATTESTATION[cls]
+    return NotAccepted
+
+
+def _ear_fields(status: str, detail: str) -> dict[str, str]:
+    fields = {"broker_ear": status}
+    if detail:
+        fields["broker_ear_detail"] = detail
+    return fields
 
 
 def _cache_key(enclave_id: str, epoch: int, public_key: bytes) -> _CacheKey:

@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_measure(args: argparse.Namespace) -> int:
+    from attestation.sim import npu_measurement
     from enclave.measurement import measure, measured_files
 
     try:
@@ -48,9 +49,13 @@ def run_measure(args: argparse.Namespace) -> int:
         doc = {
             "measurement": value,
             "algorithm": "sha384",
-            "simulated": True,
+            "simulated": config.tee.backend == "sim",
             "workload": config.workload.kind,
             "files": measured_files(),
+            # The simulated NPUs' firmware measurement, for reference values' npu_measurements.
+            "npus": config.tee.npus,
+            "npu_firmware": config.tee.npu_firmware,
+            "npu_measurement": npu_measurement(config.tee.npu_firmware),
         }
         print(json.dumps(doc, indent=2))
     else:

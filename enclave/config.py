@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from attestation.configfs_tsm import DEFAULT_ROOT as DEFAULT_TSM_ROOT
+from attestation.reference_values import parse_firmware_version
+from attestation.sim import DEFAULT_NPU_FIRMWARE, MAX_NPUS
 from sovra.pki import Identity
 from sovra.suites import KEM_HYBRID, KEMS
 
 WORKLOAD_KINDS: Final = ("llama", "openai-upstream")
-TEE_BACKENDS: Final = ("sim",)
+TEE_BACKENDS: Final = ("sim", "configfs-tsm")
 DEFAULT_UPSTREAM_URL: Final = "http://127.0.0.1:8000/v1"
 
 
@@ -38,15 +41,31 @@ class TLSSection:
 
 @dataclass(frozen=True)
 class TEESection:
-    device_key: Path
-    device_cert: Path
+    """``backend = "sim"``: the SIMULATED CVM + NPU attester (device key and certificate from
+    the simulated vendor root; ``npus`` NPU reports at ``npu_firmware``). ``"configfs-tsm"``:
+    evidence from the kernel's configfs-tsm interface under ``tsm_root`` (a real TEE)."""
+
+    device_key: Path | None = None
+    device_cert: Path | None = None
     device_chain: tuple[Path, ...] = ()
     backend: str = "sim"
+    npus: int = 1
+    npu_firmware: str = DEFAULT_NPU_FIRMWARE
+    tsm_root: Path = DEFAULT_TSM_ROOT
 
     def __post_init__(self) -> None:
         if self.backend not in TEE_BACKENDS:
             raise ConfigError(
                 f"tee.backend {self.backend!r} is not supported; this build offers {TEE_BACKENDS}"
+            )
+        if self.backend == "sim" and (self.device_key is None or self.device_cert is None):
+            raise ConfigError("tee.device_key and tee.device_cert are required for backend 'sim'")
+        if not 0 <= self.npus <= MAX_NPUS:
+            raise ConfigError(f"tee.npus must be 0 to {MAX_NPUS}")
+        if parse_firmware_version(self.npu_firmware) is None:
+            raise ConfigError(
+                f"tee.npu_firmware {self.npu_firmware!r} is not a version of 1 to 4 "
+                "dot-separated numbers such as '7.1.0'"
             )
 
 
@@ -209,7 +228,10 @@ def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
         return _expect(value, int, key, "an integer")
     if hint is Path:
         return base / _expect(value, str, key, "a path string")
-    item = typing.get_args(hint)[0]  # tuple[X, ...]: a TOML array of X
+    args = typing.get_args(hint)
+    if len(args) == 2 and type(None) in args:  # X | None: TOML has no null, so value is an X
+        return _convert(next(a for a in args if a is not type(None)), value, key, base)
+    item = args[0]  # tuple[X, ...]: a TOML array of X
     items = _expect(value, list, key, "an array")
     return tuple(_convert(item, v, key, base) for v in items)
 

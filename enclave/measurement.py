@@ -1,10 +1,11 @@
 """The enclave measurement: SHA-384 over the code that handles plaintext and the workload identity.
 
-What is measured: every ``enclave/**/*.py`` file, ``sovra/envelope.py`` and ``sovra/suites.py``
-(sorted by path relative to the source root, each as length-prefixed path and contents), then the
-workload identity (llama: SHA-384 of the model file; upstream: URL and upstream model). Paths and
-lengths are framed so that no two different file sets hash alike. The result is deterministic:
-the same checkout and model give the same hex string on every machine.
+What is measured: every ``enclave/**/*.py`` file, ``sovra/envelope.py``, ``sovra/suites.py`` and
+``sovra/training.py`` (sorted by path relative to the source root, each as length-prefixed path
+and contents), then the workload identity (llama: SHA-384 of the model file; upstream: URL and
+upstream model). Paths and lengths are framed so that no two different file sets hash alike.
+The result is deterministic: the same checkout and model give the same hex string on every
+machine.
 
 In a real TEE the platform measures the image; this software measurement is what the simulated
 TEE reports and what reference values pin.
@@ -22,7 +23,7 @@ from enclave.config import WorkloadSection
 from enclave.workloads.llama import resolve_model_path
 
 _DOMAIN: Final = b"sovra-enclave-measurement/1\x00"
-_SHARED_FILES: Final = ("sovra/envelope.py", "sovra/suites.py")
+_SHARED_FILES: Final = ("sovra/envelope.py", "sovra/suites.py", "sovra/training.py")
 _CHUNK: Final = 1 << 20
 
 

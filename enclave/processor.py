@@ -23,6 +23,7 @@ from enclave.replay import ReplayCache, ReplayCacheFull, Replayed
 from enclave.tee_sim import sim_log
 from enclave.workloads import INVALID_REQUEST, Workload, WorkloadError
 from sovra.envelope import (
+    INFERENCE_OPERATIONS,
     MAX_FRAME_BYTES,
     BadSignature,
     DecryptionFailed,
@@ -92,6 +93,18 @@ class RequestProcessor:
     def identity(self) -> OwnIdentity:
         return self._id
 
+    @property
+    def workload(self) -> Workload:
+        return self._workload
+
+    @property
+    def keys(self) -> KeyRing:
+        return self._keys
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def process(self, data: bytes) -> bytes:
         """A unary request → its single, final reply frame."""
         opened = self._open(data, streaming=False)
@@ -111,9 +124,31 @@ class RequestProcessor:
     # -- before opening ------------------------------------------------------------------
 
     def _open(self, data: bytes, *, streaming: bool) -> _Opened:
+        header, payload, reply_keys = self.open_sealed(data, streaming=streaming)
+        return _parse_payload(header, payload, reply_keys)
+
+    def open_sealed(
+        self,
+        data: bytes,
+        *,
+        operations: tuple[str, ...] = INFERENCE_OPERATIONS,
+        streaming: bool = False,
+        check_model: bool = True,
+    ) -> tuple[Header, bytes, ReplyKeys]:
+        """Run every check on a sealed envelope and open it: (header, payload, reply keys).
+
+        Used for inference here and for training job envelopes and scoring requests
+        (``enclave/training``), which name their own ``operations``.
+        """
         envelope = _decode(data)
         header = envelope.header
         _verify(envelope)
+        if header.operation not in operations:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"operation {header.operation!r} is not served by this call "
+                f"(expected one of {', '.join(operations)})",
+            )
         _check_reply_mode(header, streaming)
         recipient = self._recipient(header)
         key = self._keys.get(recipient.epoch)
@@ -131,7 +166,7 @@ class RequestProcessor:
         self._check_fresh(header)
         self._admit_once(header)
         self._check_constraints(header)
-        if header.model not in self._workload.models:
+        if check_model and header.model not in self._workload.models:
             raise Refused(
                 grpc.StatusCode.NOT_FOUND,
                 f"model {header.model!r} is not served by enclave {self._id.enclave_id}",
@@ -140,7 +175,7 @@ class RequestProcessor:
             payload, reply_keys = envelope.open(recipient, key.pair.private_key)
         except (DecryptionFailed, NotARecipient) as exc:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, str(exc)) from None
-        return _parse_payload(header, payload, reply_keys)
+        return header, payload, reply_keys
 
     def _recipient(self, header: Header) -> Recipient:
         for recipient in header.recipients:

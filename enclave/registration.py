@@ -16,8 +16,9 @@ from typing import Final
 
 import grpc
 
-from enclave.keys import KeyRing
-from enclave.tee_sim import SimTEE, sim_log
+from enclave.keys import EpochKey, KeyRing
+from enclave.tee import TEEBackend
+from enclave.tee_sim import sim_log
 from sovra.v1 import broker_pb2, broker_pb2_grpc
 
 log = sim_log(__name__)
@@ -39,7 +40,7 @@ class Registrar:
         self,
         *,
         channel: grpc.Channel,
-        tee: SimTEE,
+        tee: TEEBackend,
         keys: KeyRing,
         models: tuple[str, ...],
         address: str,
@@ -173,17 +174,19 @@ class Registrar:
         return bytes(response.nonce)
 
     def _key_messages(self, nonce: bytes) -> list[broker_pb2.EnclaveKey]:
-        return [
-            broker_pb2.EnclaveKey(
-                epoch=key.epoch,
-                kem=key.kem,
-                public_key=key.public_bytes,
-                not_after_ms=key.not_after_ms,
-                evidence_format=self._tee.evidence_format,
-                evidence=self._tee.evidence(key, nonce),
-            )
-            for key in self._keys.active()
-        ]
+        return [self._key_message(key, nonce) for key in self._keys.active()]
+
+    def _key_message(self, key: EpochKey, nonce: bytes) -> broker_pb2.EnclaveKey:
+        attestation = self._tee.attest(key, nonce)
+        return broker_pb2.EnclaveKey(
+            epoch=key.epoch,
+            kem=key.kem,
+            public_key=key.public_bytes,
+            not_after_ms=key.not_after_ms,
+            evidence_format=attestation.evidence_format,
+            evidence=attestation.evidence,
+            nonce=nonce,
+        )
 
 
 def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

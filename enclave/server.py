@@ -26,7 +26,9 @@ from enclave.measurement import measure
 from enclave.processor import OwnIdentity, Refused, RequestProcessor
 from enclave.registration import Registrar
 from enclave.replay import ReplayCache
-from enclave.tee_sim import SimTEE, sim_log
+from enclave.tee import TEEBackend, build_tee
+from enclave.tee_sim import sim_log
+from enclave.training.service import add_training_service
 from enclave.workloads import Workload, build_workload
 from sovra.pki import Identity
 from sovra.systemd import notify
@@ -115,7 +117,7 @@ class RunningEnclave:
         server: grpc.Server,
         health_servicer: health.HealthServicer,
         address: str,
-        tee: SimTEE,
+        tee: TEEBackend,
         processor: RequestProcessor,
         keys: KeyRing,
         workload: Workload,
@@ -187,7 +189,7 @@ class RunningEnclave:
             "enclave_id": self.config.enclave_id,
             "address": self.address,
             "measurement": self.measurement,
-            "simulated": True,
+            "simulated": self.tee.simulated,
             "pid": os.getpid(),
         }
         try:
@@ -245,7 +247,7 @@ def _start(
     config: EnclaveConfig, workload: Workload, clock: Clock, notify_systemd: bool
 ) -> RunningEnclave:
     measurement = measure(config.workload)
-    tee = SimTEE.from_config(
+    tee = build_tee(
         config.tee,
         enclave_id=config.enclave_id,
         region=config.region,
@@ -276,16 +278,17 @@ def _start(
         running.stop(grace=0)
         raise
     log.info(
-        "enclave %s serving on %s (measurement %s, SIMULATED TEE)",
+        "enclave %s serving on %s (measurement %s, %s)",
         config.enclave_id,
         address,
-        measurement,
+        tee.measurement,
+        "SIMULATED TEE" if tee.simulated else f"TEE {tee.tee_type}",
     )
     return running
 
 
 def build_processor(
-    config: EnclaveConfig, tee: SimTEE, keys: KeyRing, workload: Workload, clock: Clock
+    config: EnclaveConfig, tee: TEEBackend, keys: KeyRing, workload: Workload, clock: Clock
 ) -> RequestProcessor:
     identity = OwnIdentity(
         enclave_id=config.enclave_id,
@@ -306,6 +309,7 @@ def _grpc_server(
         options=_GRPC_OPTIONS,
     )
     enclave_pb2_grpc.add_EnclaveServiceServicer_to_server(EnclaveServicer(processor), server)
+    add_training_service(server, processor)  # docs/training.md
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

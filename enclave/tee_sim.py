@@ -2,9 +2,13 @@
 PROTECTION.
 
 The device key and certificate come from the simulated vendor root (``attestation.sim_vendor``);
-evidence says ``simulated: true`` and verifiers accept it only where reference values allow
-simulation. Every log line of this runtime goes through :func:`sim_log`, so it names the
-simulation too.
+evidence (``sovra-sim-tee/2``) is a composite of a CVM report and one report per simulated NPU
+(``[tee] npus``, firmware ``[tee] npu_firmware``), each NPU report bound to the CVM report data.
+The same simulated device key signs the NPU reports: in the simulation it stands for the board's
+vendor-provisioned identity, and separate per-NPU keys would be more files but no more protection
+(every simulated key is a file on the same host). Evidence says ``simulated: true`` and
+verifiers accept it only where reference values allow simulation. Every log line of this runtime
+goes through :func:`sim_log`, so it names the simulation too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from attestation import sim
 from enclave.config import ConfigError, TEESection
 from enclave.keys import EpochKey
+from enclave.tee import Attestation
 
 TEE_LABEL: Final = "SIMULATED TEE (sim)"
 
@@ -52,6 +57,8 @@ class SimTEE:
     tee_type: str = sim.SIM_TEE_TYPE
     simulated: bool = True
     evidence_format: str = sim.SIM_FORMAT
+    npus: int = 1
+    npu_firmware: str = sim.DEFAULT_NPU_FIRMWARE
 
     @classmethod
     def from_config(
@@ -63,6 +70,8 @@ class SimTEE:
         measurement: str,
         clock: Callable[[], float],
     ) -> SimTEE:
+        if section.device_key is None or section.device_cert is None:
+            raise ConfigError("tee.device_key and tee.device_cert are required for backend 'sim'")
         key = _load_device_key(section.device_key)
         chain = tuple(_load_cert(p) for p in (section.device_cert, *section.device_chain))
         if key.public_key() != chain[0].public_key():
@@ -70,11 +79,27 @@ class SimTEE:
                 f"tee.device_key {section.device_key} does not match tee.device_cert "
                 f"{section.device_cert}"
             )
-        log.warning("SIMULATED TEE backend (sim): no hardware protection")
-        return cls(enclave_id, region, measurement, key, chain, clock)
+        log.warning(
+            "SIMULATED TEE backend (sim): no hardware protection; %d simulated NPU(s), firmware %s",
+            section.npus,
+            section.npu_firmware,
+        )
+        return cls(
+            enclave_id, region, measurement, key, chain, clock,
+            npus=section.npus, npu_firmware=section.npu_firmware,
+        )  # fmt: skip
+
+    @property
+    def npu_measurement(self) -> str:
+        """The simulated NPUs' firmware measurement (what ``npu_measurements`` must list)."""
+        return sim.npu_measurement(self.npu_firmware)
+
+    def attest(self, key: EpochKey, nonce: bytes) -> Attestation:
+        return Attestation(self.evidence_format, self.evidence(key, nonce))
 
     def evidence(self, key: EpochKey, nonce: bytes) -> bytes:
-        """Evidence binding ``key`` (public bytes, epoch, expiry) to the challenge ``nonce``."""
+        """Composite evidence binding ``key`` (public bytes, epoch, expiry) to the challenge
+        ``nonce``, with one NPU report per simulated NPU bound to the CVM report data."""
         claims = sim.SimClaims(
             enclave_id=self.enclave_id,
             region=self.region,
@@ -86,8 +111,10 @@ class SimTEE:
             key_not_after_ms=key.not_after_ms,
             issued_at_ms=int(self.clock() * 1000),
             tee_type=self.tee_type,
+            npus=self.npus,
         )
-        return sim.encode_evidence(claims, self.device_key, self.chain)
+        npus = sim.npu_claims_for(claims, self.npu_firmware)
+        return sim.encode_evidence(claims, self.device_key, self.chain, npus=npus)
 
 
 def _load_device_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -57,9 +57,8 @@ def is_cn_resident_id(value: str, today: date | None = None) -> bool:
         return False
     if born < _ID_EARLIEST_BIRTH:
         return False
-    if today is not None or born > _IMPORT_DAY:
-        if born > (today or date.today()):
-            return False
+    if (today is not None or born > _IMPORT_DAY) and born > (today or date.today()):
+        return False
     return check == cn_resident_id_check_char(body)
 
 
@@ -123,9 +122,9 @@ def is_cn_mobile(value: str) -> bool:
         digits = digits[4:]
     elif len(digits) == 13 and digits.startswith("86"):
         digits = digits[2:]
-    return (
-        len(digits) == 11 and _is_ascii_digits(digits) and digits[0] == "1" and digits[1] in "3456789"
-    )
+    if len(digits) != 11 or not _is_ascii_digits(digits):
+        return False
+    return digits[0] == "1" and digits[1] in "3456789"
 
 
 # --- IP addresses ---------------------------------------------------------------------------
@@ -202,7 +201,7 @@ def is_iban(value: str) -> bool:
 
 
 def is_us_ssn(value: str) -> bool:
-    """``AAA-GG-SSSS`` (dashes or spaces); area not 000/666/900-999, group not 00, serial not 0000."""
+    """``AAA-GG-SSSS`` (dashes or spaces): area not 000/666/9xx, group not 00, serial not 0000."""
     digits = _strip_separators(value)
     if len(digits) != 9 or not _is_ascii_digits(digits):
         return False

@@ -16,6 +16,7 @@ _COMMAND_GROUPS = {
     "enclave": ("enclave.cli", "enclave runtime (inside the TEE)"),
     "attest": ("attestation.cli", "verify attestation evidence"),
     "policy": ("sovra.policy.cli", "validate, test and explain data-sovereignty policy"),
+    "audit": ("edge_agent.audit_cli", "verify, tail and export the edge's audit chain"),
 }
 
 

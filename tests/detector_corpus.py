@@ -415,7 +415,7 @@ _PROSE = (
     "本行将于{date}凌晨对网上银行系统进行升级维护，届时转账汇款等服务将暂停约{hours}小时。",
     "经核实，该笔交易为客户本人操作，资金已于{date}退回原账户，金额{amount}。",
     "根据反洗钱相关规定，请客户补充提供收入证明及资金来源说明材料。",
-    "The customer disputes a card-not-present transaction of {amount}; chargeback opened on {date}.",
+    "The customer disputes a card-not-present payment of {amount}; chargeback opened {date}.",
     "Our Q3 risk review found no material exposure; the model (v{ver}) was re-validated.",
     "风控模型{ver}版本上线后，误报率下降约{pct}，审批时效提升明显。",
     "Reminder: the compliance training deadline is {date}. 请各部门负责人督促完成。",

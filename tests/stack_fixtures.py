@@ -15,6 +15,7 @@ import logging
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,7 @@ import httpx
 import openai
 import yaml
 
-from attestation import sim_vendor
-from attestation.sim import SIM_TEE_TYPE
+from attestation import sim, sim_vendor
 from cloud_broker.config import BrokerConfig, TenantPolicy
 from cloud_broker.server import RunningBroker
 from cloud_broker.server import serve as serve_broker
@@ -148,6 +148,12 @@ class Recorder(grpc.ServerInterceptor):
             if Envelope.decode(data).header.request_id_hex == request_id_hex:
                 return data
         raise AssertionError(f"the broker relayed no envelope with request id {request_id_hex}")
+
+    def envelopes_from(self, edge_key_hex: str) -> list[bytes]:
+        """The envelopes signed by one edge identity key."""
+        return [
+            e for e in self.envelopes() if Envelope.decode(e).header.edge_key.hex() == edge_key_hex
+        ]
 
     def count(self, method: str, direction: str = "request") -> int:
         return sum(1 for c in self.seen if c.method == method and c.direction == direction)
@@ -335,8 +341,15 @@ class InProcessStack:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute("SELECT * FROM requests ORDER BY id")]
 
-    def request_row(self, request_id_hex: str) -> dict[str, Any]:
-        rows = [r for r in self.request_rows() if r["request_id"] == request_id_hex]
+    def request_row(self, request_id_hex: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The broker's row for one request. A stream's row is written when the broker's relay
+        ends, which may be just after the edge has answered, so wait for it (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in self.request_rows() if r["request_id"] == request_id_hex]
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)  # polling the real broker's database, not timing anything
         assert len(rows) == 1, f"expected one broker row for {request_id_hex}, got {rows}"
         return rows[0]
 
@@ -382,12 +395,23 @@ def _write_reference_values(path: Path, measurements: list[str], root_cert: Path
     doc = {
         "version": 1,
         "simulation": "allow",
-        "tee_types": [SIM_TEE_TYPE],
+        "tee_types": [sim.SIM_TEE_TYPE],
         "measurements": sorted(set(measurements)),
         "max_evidence_age_s": 1800,
         "trust_anchors": {"sim_vendor_roots": [str(root_cert)]},
+        **_npu_reference_values(),
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def _npu_reference_values() -> dict[str, Any]:
+    """Simulated evidence that reports NPUs (``sovra-sim-tee/2``) needs their firmware
+    measurement listed; older attestation code has neither NPUs nor the key."""
+    npu_measurement = getattr(sim, "npu_measurement", None)
+    firmware = getattr(sim, "DEFAULT_NPU_FIRMWARE", None)
+    if npu_measurement is None or firmware is None:
+        return {}
+    return {"npu_measurements": [npu_measurement(firmware)]}
 
 
 def _edge_config(

@@ -47,6 +47,7 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
 
 MEASUREMENT = "ab" * 48
 OTHER_MEASUREMENT = "cd" * 48
+SIM_NPU_MEASUREMENT = sim.npu_measurement(sim.DEFAULT_NPU_FIRMWARE)
 
 
 # --------------------------------------------------------------------------- sim world
@@ -118,6 +119,7 @@ class SimWorld:
             "measurements": frozenset({MEASUREMENT}),
             "max_evidence_age_s": 1800,
             "sim_vendor_roots": (self.root,),
+            "npu_measurements": frozenset({SIM_NPU_MEASUREMENT}),
         }
         fields.update(overrides)
         return ReferenceValues(**fields)

@@ -297,6 +297,7 @@ def _sim_rv(folder: Path, **doc: Any) -> Path:
         "tee_types": [sim.SIM_TEE_TYPE],
         "measurements": [MEASUREMENT],
         "trust_anchors": {"sim_vendor_roots": ["sim-root.pem"]},
+        "npu_measurements": [sim.npu_measurement(sim.DEFAULT_NPU_FIRMWARE)],
     }
     path.write_text(yaml.safe_dump({**base, **doc}))
     return path
@@ -317,6 +318,8 @@ def test_sim_without_reference_values_is_labelled(
     )
     assert doc["simulated"] is True and "SIMULATED" in doc["label"]
     assert doc["claims"]["simulated"] is True and doc["claims"]["measurement"] == MEASUREMENT
+    (npu,) = doc["claims"]["npu_reports"]  # sovra-sim-tee/2: one report per simulated NPU
+    assert npu["index"] == 0 and npu["firmware_version"] == sim.DEFAULT_NPU_FIRMWARE
 
 
 def test_sim_appraised(tmp_path: Path, world: SimWorld, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,7 @@ def rv(root: Path, **kw: object) -> ReferenceValues:
         "measurements": [MEAS],
         "max_evidence_age_s": 600,
         "trust_anchors": {"sim_vendor_roots": [sim_vendor.ROOT_CERT_FILE]},
+        "npu_measurements": [sim.npu_measurement(sim.DEFAULT_NPU_FIRMWARE)],
     }
     doc.update(kw)
     return ReferenceValues.from_document(doc, base=root, source="test")
@@ -139,10 +140,10 @@ def test_untrusted_root(vendor, tmp_path: Path) -> None:
 
 def test_tampered_claims(vendor) -> None:
     good = offer(vendor)
-    fmt, claims_bytes, sig, chain = cbor2.loads(good.evidence)
+    fmt, (claims_bytes, sig, chain), npus = cbor2.loads(good.evidence)
     claims = cbor2.loads(claims_bytes)
     claims["region"] = "us-east-1"
-    forged = cbor2.dumps([fmt, cbor2.dumps(claims, canonical=True), sig, chain])
+    forged = cbor2.dumps([fmt, [cbor2.dumps(claims, canonical=True), sig, chain], npus])
     with pytest.raises(errors.EvidenceSignatureInvalid):
         verify_key(dataclasses.replace(good, evidence=forged), rv(vendor[0]), now_ms=NOW)
 

@@ -11,15 +11,18 @@ import dataclasses
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,13 +30,24 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from attestation.reference_values import ReferenceValues
-from attestation.sim import SimClaims, encode_evidence, report_data
+from attestation import ear
+from attestation.reference_values import ReferenceValues, ReferenceValuesFile
+from attestation.sim import (
+    DEFAULT_NPU_FIRMWARE,
+    SIM_FORMAT,
+    SimClaims,
+    encode_evidence,
+    npu_measurement,
+    report_data,
+)
 from attestation.verifier import OfferedKey, verify_key
 from cloud_broker import cli
 from cloud_broker.config import BrokerConfig, ConfigError
-from cloud_broker.server import RunningBroker, serve
+from cloud_broker.db import open_database
+from cloud_broker.server import RunningBroker, ServeError, serve
+from edge_agent.trusted_set import NotAccepted, TrustedEnclaveSet
 from sovra import suites
+from sovra.audit import AuditLog
 from sovra.envelope import (
     Constraints,
     Envelope,
@@ -100,6 +114,7 @@ def rv_path(vendor: SimVendor) -> Path:
         "version: 1\nsimulation: allow\ntee_types: [sim-ascend-cvm]\n"
         f"measurements: [{MEASUREMENT}]\nmax_evidence_age_s: 1800\n"
         f"trust_anchors:\n  sim_vendor_roots: [{vendor.root_path.name}]\n"
+        f"npu_measurements: [{npu_measurement(DEFAULT_NPU_FIRMWARE)}]\n"
     )
     return path
 
@@ -292,7 +307,7 @@ class TestEnclave(enclave_pb2_grpc.EnclaveServiceServicer):
         evidence = encode_evidence(claims, self.vendor.device_key, list(self.vendor.device_chain))
         return broker_pb2.EnclaveKey(
             epoch=epoch, kem=suites.KEM_HYBRID, public_key=pub, not_after_ms=not_after_ms,
-            evidence_format="sovra-sim-tee/1", evidence=evidence,
+            evidence_format=SIM_FORMAT, evidence=evidence, nonce=nonce,
         )  # fmt: skip
 
     def register_request(
@@ -848,3 +863,175 @@ def test_cli_registers_broker_serve_and_reports_bad_config(
     args = parser.parse_args(["broker", "serve", "--config", str(bad)])
     assert args.func(args) == 2
     assert "bogus: unknown key" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Attestation lifecycle: EARs, re-appraisal, revocation (broker and edge)
+# --------------------------------------------------------------------------------------------
+
+
+def own_rv(tmp_path: Path, rv_path: Path, **changes: Any) -> Path:
+    """A private copy of the reference values (absolute root path) that a test may edit."""
+    doc = yaml.safe_load(rv_path.read_text())
+    doc["trust_anchors"]["sim_vendor_roots"] = [
+        str(rv_path.parent / doc["trust_anchors"]["sim_vendor_roots"][0])
+    ]
+    doc.update(changes)
+    path = tmp_path / "own-rv.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def listing(rig: BrokerRig) -> broker_pb2.ListEnclavesResponse:
+    return rig.edge().ListEnclaves(broker_pb2.ListEnclavesRequest(), timeout=RPC_TIMEOUT)
+
+
+def test_ear_issued_at_admission_and_published_with_the_verifier_key(
+    make_broker: Callable[..., BrokerRig], enclaves: dict[str, TestEnclave], tmp_path: Path
+) -> None:
+    rig = make_broker()
+    enclaves["e1"].admit(rig)
+    reply = listing(rig)
+    public = ear.load_public_key_pem(reply.ear_verifier_key)
+    (entry,) = reply.enclaves
+    (key,) = entry.keys
+    assert len(key.nonce) == 32  # the challenge the evidence binds travels with the key
+    claims = ear.verify_ear(key.ear, public, now=datetime.fromtimestamp(rig.clock(), UTC))
+    assert (claims.sovra.enclave_id, claims.sovra.epoch) == ("e1", 1)
+    assert claims.simulated and claims.status == "warning"
+    assert list(claims.submods) == ["cpu", "npu0"]
+    assert claims.submods["npu0"].trust_vector["executables"] == 2
+    assert claims.expires_at - claims.issued_at == 2 * 60  # two re-appraisal intervals
+
+    key_file = tmp_path / "ear-signing-key.pem"  # the state dir: next to the SQLite database
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    rig.broker.stop(0)
+    again = make_broker()  # a restart keeps the verifier key
+    assert listing(again).ear_verifier_key == reply.ear_verifier_key
+
+
+def test_revocation_evicts_at_the_broker_and_is_refused_by_the_edge(
+    make_broker: Callable[..., BrokerRig],
+    enclaves: dict[str, TestEnclave],
+    tmp_path: Path,
+    rv_path: Path,
+) -> None:
+    rv_file = own_rv(tmp_path, rv_path)
+    rig = make_broker(reference_values=f'"{rv_file}"')
+    enclaves["e1"].admit(rig)
+    audit = AuditLog(tmp_path / "edge-audit.db")
+    edge_set = TrustedEnclaveSet(
+        ReferenceValuesFile(rv_file), lambda: int(rig.clock() * 1000), audit=audit
+    )
+
+    def edge_refresh() -> list[str]:
+        reply = listing(rig)
+        edge_set.sync(reply.enclaves, broker_ear_key=reply.ear_verifier_key)
+        return [
+            k.enclave_id for k in edge_set.candidates(MODEL, 3, Constraints(allow_simulated=True))
+        ]
+
+    assert edge_refresh() == ["e1"]
+    (admitted,) = [e.record for e in audit.tail(10)]
+    assert admitted["result"] == "admitted" and admitted["edge_verdict"] == "affirming"
+    assert admitted["broker_ear"] == "warning"
+
+    first_ear = listing(rig).enclaves[0].keys[0].ear
+    rig.clock.advance(10)
+    assert rig.broker.registry.reappraise() == []  # nothing changed: still admitted
+    assert listing(rig).enclaves[0].keys[0].ear != first_ear  # ... with a fresh EAR
+
+    stale_listing = listing(rig)  # what a broker that ignores the revocation would keep serving
+    rv_file.write_text(rv_file.read_text() + f"revoked_measurements: [{MEASUREMENT}]\n")
+
+    # The edge: one refresh later the key is refused under its own reference values, even
+    # though the listing still offers it.
+    edge_set.sync(stale_listing.enclaves, broker_ear_key=stale_listing.ear_verifier_key)
+    assert edge_set.candidates(MODEL, 3, Constraints(allow_simulated=True)) == []
+    (row,) = edge_set.snapshot(details=True)
+    assert row["status"] == "refused" and row["reason"] == NotAccepted.code
+    assert "is revoked" in row["detail"]
+    refused = audit.tail(1)[0].record
+    assert refused["result"] == "refused" and refused["edge_verdict"] == "refused"
+    assert refused["broker_ear"] == "warning"  # the broker still vouched; the edge decided
+
+    # The broker: one re-appraisal later the enclave is evicted and no longer listed.
+    assert rig.broker.registry.reappraise() == ["e1"]
+    status, reason = rig.enclave_status("e1")
+    assert status == "evicted" and reason.startswith("re-appraisal: key epoch 1:")
+    assert "is revoked" in reason
+    assert not listing(rig).enclaves
+    assert edge_refresh() == []
+    err = rpc_error(
+        lambda: rig.edge().Dispatch(sealed_request(seal([enclaves["e1"]])), timeout=RPC_TIMEOUT)
+    )
+    assert_status(err, grpc.StatusCode.NOT_FOUND)
+
+    # and it cannot come back while revoked
+    stub = rig.registry_stub(enclaves["e1"].identity)
+    nonce = stub.Challenge(broker_pb2.ChallengeRequest(), timeout=RPC_TIMEOUT).nonce
+    request = enclaves["e1"].register_request(nonce, now=rig.clock())
+    err = rpc_error(lambda: stub.Register(request, timeout=RPC_TIMEOUT))
+    assert_status(err, grpc.StatusCode.PERMISSION_DENIED, "is revoked")
+
+
+def test_reappraisal_drops_aged_keys_without_evicting_for_them(
+    make_broker: Callable[..., BrokerRig], enclaves: dict[str, TestEnclave]
+) -> None:
+    rig = make_broker(heartbeat_interval_s=3600)
+    enclaves["e1"].admit(rig)
+    rig.clock.advance(1801)  # older than max_evidence_age_s; the enclave is still live
+    assert rig.broker.registry.reappraise() == []
+    assert rig.enclave_status("e1") == ("admitted", "")
+    assert not listing(rig).enclaves  # no attested key left to list
+    assert rig.broker.registry.evict_stale() == ["e1"]
+
+
+def test_broken_reference_values_edit_keeps_the_last_good_values(
+    make_broker: Callable[..., BrokerRig],
+    enclaves: dict[str, TestEnclave],
+    tmp_path: Path,
+    rv_path: Path,
+) -> None:
+    rv_file = own_rv(tmp_path, rv_path)
+    rig = make_broker(reference_values=f'"{rv_file}"')
+    enclaves["e1"].admit(rig)
+    rv_file.write_text("version: [1\n")
+    assert rig.broker.registry.reappraise() == []
+    assert rig.enclave_status("e1") == ("admitted", "")
+
+
+def test_ear_key_config_and_database_migration(
+    tmp_path: Path, pki: dict[str, IssuedCert], rv_path: Path
+) -> None:
+    path = write_config(
+        tmp_path, pki, rv_path, ear_signing_key='"keys/ear.pem"', reappraise_interval_s=15
+    )
+    config = BrokerConfig.from_toml(path)
+    assert config.ear_signing_key_path == tmp_path / "keys" / "ear.pem"
+    assert config.reappraise_interval_s == 15
+    defaults = BrokerConfig.from_toml(write_config(tmp_path, pki, rv_path))
+    assert defaults.reappraise_interval_s == 60
+    assert defaults.ear_signing_key_path == tmp_path / "ear-signing-key.pem"
+    with pytest.raises(ConfigError, match="reappraise_interval_s"):
+        BrokerConfig.from_toml(write_config(tmp_path, pki, rv_path, reappraise_interval_s=0))
+
+    config.ear_signing_key_path.parent.mkdir()
+    config.ear_signing_key_path.write_text("junk")
+    config.ear_signing_key_path.chmod(0o644)
+    with pytest.raises(ServeError, match="chmod 600"):
+        serve(config)
+    config.ear_signing_key_path.chmod(0o600)
+    with pytest.raises(ServeError, match="not an unencrypted PEM"):
+        serve(config)
+
+    # A database created before the ear/nonce columns existed gains them on open.
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    open_database(url).dispose()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.execute("ALTER TABLE enclave_keys DROP COLUMN ear")
+        conn.execute("ALTER TABLE enclave_keys DROP COLUMN nonce")
+    open_database(url).dispose()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(enclave_keys)")}
+    assert {"ear", "nonce"} <= columns

@@ -27,7 +27,7 @@ from attestation.ear import (
     worst_status,
 )
 from attestation.errors import AttestationError
-from attestation.verifier import AttestationResult
+from attestation.verifier import AttestationResult, NpuResult
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -38,7 +38,10 @@ def key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def result(*, simulated: bool = True, status: str = "affirming") -> AttestationResult:
+def result(
+    *, simulated: bool = True, status: str = "affirming", npus: int | None = None
+) -> AttestationResult:
+    count = (1 if simulated else 0) if npus is None else npus
     return AttestationResult(
         enclave_id="enc-1",
         epoch=3,
@@ -49,6 +52,7 @@ def result(*, simulated: bool = True, status: str = "affirming") -> AttestationR
         measurement="ab" * 48,
         verified_at_ms=NOW_MS,
         expires_at_ms=NOW_MS + 1_800_000,
+        npus=tuple(NpuResult(i, "7.1.0", "cd" * 48, "7.1.0") for i in range(count)),
     )
 
 

@@ -29,8 +29,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attestation.reference_values import ReferenceValues
-from attestation.sim import SIM_FORMAT, SIM_TEE_TYPE, SimClaims, encode_evidence, report_data
+from attestation import ear
+from attestation.reference_values import ReferenceValues, ReferenceValuesFile
+from attestation.sim import (
+    DEFAULT_NPU_FIRMWARE,
+    SIM_FORMAT,
+    SIM_TEE_TYPE,
+    SimClaims,
+    encode_evidence,
+    npu_measurement,
+    report_data,
+)
 from edge_agent import cli as edge_cli
 from edge_agent.api_keys import ApiKeys, generate_api_key, hash_api_key
 from edge_agent.app import create_app
@@ -127,6 +136,7 @@ def write_reference_values(directory: Path, vendor: Vendor, simulation: str = "a
         f"measurements: [{MEASUREMENT}]\n"
         "max_evidence_age_s: 600\n"
         f"trust_anchors:\n  sim_vendor_roots: [{vendor.root_path}]\n"
+        f"npu_measurements: [{npu_measurement(DEFAULT_NPU_FIRMWARE)}]\n"
     )
     return path
 
@@ -1165,3 +1175,122 @@ def test_unexpected_exceptions_become_a_500_error_object() -> None:
     assert resp.status_code == 500
     assert resp.json()["error"]["code"] == "internal_error"
     assert SECRET not in resp.text
+
+
+# -- attestation lifecycle: re-appraisal, the broker's EAR, the enclaves command ----------------
+
+
+def _issue_broker_ear(
+    offer: EnclaveKeyOffer, rv: ReferenceValues, key: ec.EllipticCurvePrivateKey, **kw: Any
+) -> str:
+    from attestation.verifier import OfferedKey, verify_key
+
+    w = offer.wire
+    offered = OfferedKey(
+        offer.enclave_id, w.epoch, w.kem, w.public_key, w.not_after_ms, w.evidence_format,
+        w.evidence,
+    )  # fmt: skip
+    return ear.issue_ear(verify_key(offered, rv), signing_key=key, policy_id="broker-rv", **kw)
+
+
+def test_trusted_set_records_the_brokers_ear_next_to_its_own_verdict(
+    tmp_path: Path, vendor: Vendor, rogue_vendor: Vendor
+) -> None:
+    rv = ReferenceValues.load(write_reference_values(tmp_path, vendor))
+    broker_key = ec.generate_private_key(ec.SECP256R1())
+    pem = ear.public_key_pem(broker_key)
+    good, other, rogue = offer_key(vendor, "e1"), offer_key(vendor, "e2"), offer_key(vendor, "e3")
+    good.wire.ear = _issue_broker_ear(good, rv, broker_key)
+    other.wire.ear = good.wire.ear  # an EAR about another key
+    rogue = offer_key(rogue_vendor, "e4")
+    rogue.wire.ear = good.wire.ear
+    audit = AuditLog(tmp_path / "audit.db")
+    trusted = TrustedEnclaveSet(rv, audit=audit)
+    trusted.sync(
+        [descriptor(o.enclave_id, o.wire) for o in (good, other, rogue)], broker_ear_key=pem
+    )
+    records = {e.record["enclave_id"]: e.record for e in audit.tail(10)}
+    assert records["e1"]["edge_verdict"] == "affirming" and records["e1"]["broker_ear"] == "warning"
+    assert records["e2"]["broker_ear"] == "invalid"
+    assert records["e2"]["broker_ear_detail"] == "the EAR is about another enclave key"
+    assert records["e2"]["edge_verdict"] == "affirming"  # the edge's own verdict decides
+    assert records["e4"]["edge_verdict"] == "refused" and records["e4"]["broker_ear"] == "invalid"
+
+    plain = offer_key(vendor, "e5")
+    signed_elsewhere = offer_key(vendor, "e6")
+    signed_elsewhere.wire.ear = _issue_broker_ear(
+        signed_elsewhere, rv, ec.generate_private_key(ec.SECP256R1())
+    )
+    trusted.sync(
+        [descriptor("e5", plain.wire), descriptor("e6", signed_elsewhere.wire)], broker_ear_key=pem
+    )
+    records = {e.record["enclave_id"]: e.record for e in audit.tail(2)}
+    assert records["e5"]["broker_ear"] == "absent"
+    assert records["e6"]["broker_ear"] == "invalid"
+    assert records["e6"]["broker_ear_detail"].startswith("EarSignatureInvalid")
+
+    unverified = TrustedEnclaveSet(rv, audit=audit)
+    unverified.sync([descriptor("e1", good.wire)])  # no EAR key in the listing
+    assert audit.tail(1)[0].record["broker_ear"] == "unverified"
+    assert unverified.snapshot()[0]["broker_ear"] == "unverified"
+
+
+def test_trusted_set_rejudges_every_key_when_reference_values_change(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    rv_path = write_reference_values(tmp_path, vendor)
+    audit = AuditLog(tmp_path / "audit.db")
+    trusted = TrustedEnclaveSet(ReferenceValuesFile(rv_path), audit=audit)
+    offers = [offer_key(vendor, e) for e in ("e1", "e2")]
+    listing = [descriptor(o.enclave_id, o.wire) for o in offers]
+    cons = Constraints(allow_simulated=True)
+    assert len(trusted.sync(listing)) == 2
+    trusted.sync(listing)  # unchanged values: cached, nothing judged again
+    assert len(audit.tail(100)) == 2
+
+    rv_path.write_text(rv_path.read_text().replace("simulation: allow", "simulation: forbid"))
+    assert trusted.sync(listing) == []
+    assert trusted.candidates(CHAT_MODEL, 3, cons) == []
+    assert {r["reason"] for r in trusted.snapshot()} == {NotAccepted.code}
+    assert [e.record["result"] for e in audit.tail(2)] == ["refused", "refused"]
+
+    rv_path.write_text(rv_path.read_text().replace("simulation: forbid", "simulation: allow"))
+    assert len(trusted.sync(listing)) == 2  # judged anew, admitted again
+
+
+def test_cli_enclaves_verifies_the_directory_locally(
+    tmp_path: Path,
+    pki: Path,
+    vendor: Vendor,
+    rogue_vendor: Vendor,
+    broker: FakeBroker,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    good, rogue = offer_key(vendor, "e1", region="eu-central"), offer_key(rogue_vendor, "e2")
+    broker.directory = [descriptor("e1", good.wire), descriptor("e2", rogue.wire)]
+    rv = write_reference_values(tmp_path, vendor)
+    path = write_config(tmp_path, pki, rv, broker.port, "a" * 64)
+    parser = argparse.ArgumentParser(prog="sovra")
+    edge_cli.register(parser.add_subparsers(dest="command"))
+
+    args = parser.parse_args(["edge", "enclaves", "--config", str(path), "--json"])
+    assert args.func(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = {r["enclave_id"]: r for r in doc["enclaves"]}
+    assert rows["e1"]["status"] == "affirming" and rows["e1"]["region"] == "eu-central"
+    assert rows["e1"]["simulated"] is True and rows["e1"]["broker_ear"] == "unverified"
+    assert rows["e2"]["status"] == "refused" and rows["e2"]["reason"] == "untrusted_evidence"
+    assert "vendor root" in rows["e2"]["detail"]
+    assert broker.peers[-1] == Identity.edge("demo")  # fetched with the edge's mTLS identity
+    assert not (tmp_path / "state" / "audit.db").exists()  # an inspection writes nothing
+
+    args = parser.parse_args(["edge", "enclaves", "--config", str(path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "e1 epoch 1: affirming SIMULATED region=eu-central" in out
+    assert "e2 epoch 1: refused (untrusted_evidence)" in out
+
+    unreachable = write_config(tmp_path, pki, rv, 9, "a" * 64)  # nothing listens on port 9
+    args = parser.parse_args(["edge", "enclaves", "--config", str(unreachable)])
+    assert args.func(args) == 1
+    assert "cannot list enclaves" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from openai_stub import ERROR_MODEL, StubServer, running_stub_server
 from attestation import sim_vendor
 from attestation.errors import AppraisalFailed, KeyBindingMismatch
 from attestation.reference_values import ReferenceValues
-from attestation.sim import SIM_FORMAT, SIM_TEE_TYPE
+from attestation.sim import DEFAULT_NPU_FIRMWARE, SIM_FORMAT, SIM_TEE_TYPE, npu_measurement
 from attestation.verifier import OfferedKey, verify_key
 from enclave import cli
 from enclave.config import (
@@ -561,6 +561,7 @@ def _reference_values(m: Materials, measurement: str, *, allow: bool = True) -> 
         measurements=frozenset({measurement}),
         max_evidence_age_s=1800,
         sim_vendor_roots=(root,),
+        npu_measurements=frozenset({npu_measurement(DEFAULT_NPU_FIRMWARE)}),
     )
 
 

@@ -71,6 +71,13 @@ def register(subparsers: Any) -> None:
     _json_flag(verify)
     verify.set_defaults(func=cmd_verify_commit)
 
+    status = sub.add_parser(
+        "status", help="the edge's active policy and last refusal (exit 1 if none is active)"
+    )
+    status.add_argument("--config", type=Path, required=True, help="edge TOML config file")
+    _json_flag(status)
+    status.set_defaults(func=cmd_status)
+
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -234,6 +241,14 @@ def cmd_verify_commit(args: argparse.Namespace) -> int:
             f"policy valid, {tests} test(s) passed\n"
         )
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    # The edge writes the status; reading its config is the edge's business (imported lazily,
+    # like every runtime the ``sovra`` command uses).
+    from edge_agent.policy_cli import run_status
+
+    return run_status(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from sovra.detectors import BUILTIN_TYPES, VALIDATORS
 
 __all__ = [
     "ATTESTATION_LEVELS",
+    "COLUMN_ACTIONS",
     "EFFECT_PRECEDENCE",
     "Application",
     "Destination",
@@ -284,6 +285,9 @@ class PolicySpec:
     tests: tuple[PolicyTestCase, ...]
     files: tuple[str, ...]
     digest: str  # "dir:<sha256>" over the files' names and contents
+    #: Purpose training: what happens to dataset columns of each class before a decision
+    #: (``keep`` | ``pseudonymise`` | ``drop``); classes not named are kept (docs/policy.md).
+    training_columns: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # --- reading files ----------------------------------------------------------------------------
@@ -639,7 +643,16 @@ class _Reader:
 
 # --- parsing ----------------------------------------------------------------------------------
 
-_TOP_KEYS = ("classes", "detectors", "applications", "purposes", "destinations", "rules", "tests")
+_TOP_KEYS = (
+    "classes",
+    "detectors",
+    "applications",
+    "purposes",
+    "destinations",
+    "rules",
+    "tests",
+    "training_columns",
+)
 _DETECTOR_KEYS = ("builtin", "name", "regex", "keywords", "validator", "case_sensitive", "class")
 _APPLICATION_KEYS = ("description", "purposes")
 _DESTINATION_KEYS = ("jurisdictions", "regions", "tee_types", "pools", "models")
@@ -652,6 +665,8 @@ _OBLIGATION_KEYS = (
     "retention",
     "pseudonymise_classes",
 )
+#: What ``training_columns`` may do with the dataset columns of a class (purpose training).
+COLUMN_ACTIONS: tuple[str, ...] = ("keep", "pseudonymise", "drop")
 _TEST_KEYS = ("name", "app", "purpose", "model", "text", "labels", "expect")
 _EXPECT_KEYS = ("effect", "rule", "entities")
 _EFFECTS = tuple(e.value for e in Effect)
@@ -666,6 +681,7 @@ class _Sections:
     destinations: list[tuple[_Loc, Any]] = field(default_factory=list)
     rules: list[tuple[_Loc, Any]] = field(default_factory=list)
     tests: list[tuple[_Loc, Any]] = field(default_factory=list)
+    training_columns: list[tuple[_Loc, Any]] = field(default_factory=list)
 
 
 def load_spec(directory: str | os.PathLike[str]) -> PolicySpec:
@@ -747,6 +763,7 @@ class _Builder:
         detectors = self._detectors(s.detectors, classes)
         rules = self._rules(s.rules, classes, purposes, destinations, applications)
         tests = self._tests(s.tests, classes, purposes, rules, detectors)
+        training_columns = self._training_columns(s.training_columns, classes)
         if classes is None:
             return None
         return PolicySpec(
@@ -757,6 +774,7 @@ class _Builder:
             destinations=MappingProxyType(destinations),
             rules=rules,
             tests=tests,
+            training_columns=training_columns,
             files=tuple(sorted(files)),
             digest=directory_digest(files),
         )
@@ -1162,6 +1180,34 @@ class _Builder:
             retention=retention,
             pseudonymise_classes=pseudonymise_classes,
         )
+
+    def _training_columns(
+        self, entries: list[tuple[_Loc, Any]], classes: tuple[str, ...] | None
+    ) -> Mapping[str, str]:
+        """``training_columns: {class: keep|pseudonymise|drop}`` (merged; a class once)."""
+        out: dict[str, str] = {}
+        seen: dict[str, _Loc] = {}
+        for loc, value in entries:
+            if not isinstance(value, dict):
+                self.p.add(loc, _wrong_type("a mapping of class: action", value))
+                continue
+            for cls, action in value.items():
+                item = loc.sub(cls)
+                if classes is not None and cls not in classes:
+                    self.r.undefined(item, cls, classes, "class")
+                    continue
+                if cls in seen:
+                    self.p.add(item, f"class {cls!r} already has an action at {seen[cls].where()}")
+                    continue
+                if action not in COLUMN_ACTIONS:
+                    self.p.add(
+                        item,
+                        f"unknown column action {action!r} (expected: {', '.join(COLUMN_ACTIONS)})",
+                    )
+                    continue
+                seen[cls] = item
+                out[cls] = action
+        return MappingProxyType(out)
 
     def _tests(
         self,

@@ -32,14 +32,25 @@ class EnclaveKey(_message.Message):
     NOT_AFTER_MS_FIELD_NUMBER: _builtins.int
     EVIDENCE_FORMAT_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
+    EAR_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     kem: _builtins.str
     """"MLKEM768-X25519" or "X25519" """
     public_key: _builtins.bytes
     not_after_ms: _builtins.int
     evidence_format: _builtins.str
-    """"sovra-sim-tee/1" (simulated), later CCA"""
+    """"sovra-sim-tee/2" (simulated) or "arm-cca-token" """
     evidence: _builtins.bytes
+    ear: _builtins.str
+    """Directory only: the broker's EAR (JWT, ES256) for this key, issued at admission and at
+    every re-appraisal. Public metadata; edges verify evidence themselves regardless.
+    """
+    nonce: _builtins.bytes
+    """The challenge nonce the evidence binds: in the directory, the challenge the broker issued
+    (enclaves may send it too). CCA tokens carry only the 64-byte report data, so relying
+    parties need it to recompute the key binding; sim evidence carries it inside.
+    """
     def __init__(
         self,
         *,
@@ -49,10 +60,12 @@ class EnclaveKey(_message.Message):
         not_after_ms: _builtins.int = ...,
         evidence_format: _builtins.str = ...,
         evidence: _builtins.bytes = ...,
+        ear: _builtins.str = ...,
+        nonce: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "evidence", b"evidence", "evidence_format", b"evidence_format", "kem", b"kem", "not_after_ms", b"not_after_ms", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ear", b"ear", "epoch", b"epoch", "evidence", b"evidence", "evidence_format", b"evidence_format", "kem", b"kem", "nonce", b"nonce", "not_after_ms", b"not_after_ms", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,8 +273,11 @@ class ListEnclavesResponse(_message.Message):
 
     ENCLAVES_FIELD_NUMBER: _builtins.int
     GENERATED_AT_MS_FIELD_NUMBER: _builtins.int
+    EAR_VERIFIER_KEY_FIELD_NUMBER: _builtins.int
     generated_at_ms: _builtins.int
-    """The nonce the broker last challenged enclaves with; informative only."""
+    """When the broker built this answer (ms since the epoch); informative only."""
+    ear_verifier_key: _builtins.str
+    """The broker's EAR verification key (PEM, EC P-256 SubjectPublicKeyInfo)."""
     @_builtins.property
     def enclaves(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnclaveDescriptor]: ...
     def __init__(
@@ -269,10 +285,11 @@ class ListEnclavesResponse(_message.Message):
         *,
         enclaves: _abc.Iterable[Global___EnclaveDescriptor] | None = ...,
         generated_at_ms: _builtins.int = ...,
+        ear_verifier_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclaves", b"enclaves", "generated_at_ms", b"generated_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ear_verifier_key", b"ear_verifier_key", "enclaves", b"enclaves", "generated_at_ms", b"generated_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
