@@ -41,6 +41,10 @@ def register(subparsers: Any) -> None:
     audit = sub.add_parser("audit", help="inspect the audit chain (also: sovra audit ...)")
     audit_cli.add_commands(audit)  # one implementation for `sovra edge audit` and `sovra audit`
 
+    from edge_agent.training import cli as training_cli
+
+    training_cli.register(sub)  # dataset, train, jobs (docs/training.md)
+
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="edge TOML config file")

@@ -4,8 +4,9 @@ placeholders in replies (unary and streamed).
 Every string the app sends (object keys included) is classified, not only the message
 contents: a phone number in an earlier assistant turn (which the app sends back with the real
 values restored), in ``user`` or in a tool description leaves the premises just the same.
-Structural fields (:data:`STRUCTURAL`) are left alone. Content parts other than text (images,
-audio) cannot be classified, so the policy path refuses them. Nothing here logs the texts.
+Protocol fields (``model``, ``role``, ``type``, ...) are left alone. Content parts other than
+text (images, audio) cannot be classified, so the policy path refuses them. Nothing here logs
+the texts.
 """
 
 from __future__ import annotations
@@ -17,22 +18,32 @@ from typing import Any, Final
 from edge_agent.errors import ApiError
 from sovra.policy import Pseudonymiser, StreamRestorer
 
-#: Keys whose string values are protocol, not content: never classified or rewritten.
-STRUCTURAL: Final = frozenset(
-    {"model", "role", "type", "encoding_format", "finish_reason", "object", "id"}
-)
+#: Protocol fields whose string values are not content: never classified or rewritten. Only at
+#: their place in the OpenAI request (a ``type`` inside ``metadata`` is content like any other).
+_TOP_LEVEL: Final = frozenset({"model", "encoding_format"})
+_BELOW: Final = {
+    "messages": frozenset({"role"}),
+    "content": frozenset({"type"}),
+    "tools": frozenset({"type"}),
+    "tool_calls": frozenset({"type", "id"}),
+    "response_format": frozenset({"type"}),
+}
+_NOTHING: Final = frozenset[str]()
 MAX_CONVERSATION_HEADER: Final = 256
 
 
-def _walk(obj: Any, visit: Callable[[str], str]) -> Any:
+def _walk(obj: Any, visit: Callable[[str], str], skip: frozenset[str] = _TOP_LEVEL) -> Any:
+    """``obj`` with ``visit`` applied to every string, object keys included (``metadata`` keys
+    are the app's own strings), except the values of the protocol fields in ``skip``."""
     if isinstance(obj, str):
         return visit(obj)
     if isinstance(obj, list):
-        return [_walk(v, visit) for v in obj]
+        return [_walk(v, visit, skip) for v in obj]
     if isinstance(obj, dict):
-        # Keys are visited too (``metadata`` keys are the app's own strings); the value of a
-        # structural key is not.
-        return {visit(k): (v if k in STRUCTURAL else _walk(v, visit)) for k, v in obj.items()}
+        return {
+            visit(k): (v if k in skip else _walk(v, visit, _BELOW.get(k, _NOTHING)))
+            for k, v in obj.items()
+        }
     return obj
 
 
@@ -135,8 +146,9 @@ def conversation_id(app: str, header: str | None, body: dict[str, Any]) -> str |
 
 
 def restore_reply(obj: dict[str, Any], pseudonymiser: Pseudonymiser) -> dict[str, Any]:
-    """A unary reply with every known placeholder replaced by its value."""
-    out = _walk(obj, pseudonymiser.restore)
+    """A unary reply with every known placeholder replaced by its value (in every string:
+    only placeholders this conversation handed out are touched)."""
+    out = _walk(obj, pseudonymiser.restore, _NOTHING)
     assert isinstance(out, dict)
     return out
 

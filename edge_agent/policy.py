@@ -506,8 +506,14 @@ class EnginePolicy:
         return "activated"
 
     def _refuse(self, trigger: str, commit: str | None, reason: str) -> ReloadResult:
-        self._refusal = {"at": self._clock().isoformat(), "commit": commit, "reason": reason}
         self._last_attempt = self._attempt_record(trigger, "refused", commit)
+        last = self._refusal
+        if last is not None and (last["commit"], last["reason"]) == (commit, reason):
+            # The same revision refused again (a directory polled unchanged): logged and
+            # audited once, not at every poll.
+            log.info("policy still refused (commit %s)", commit or "-")
+            return "refused"
+        self._refusal = {"at": self._clock().isoformat(), "commit": commit, "reason": reason}
         keeping = self._active.policy.id if self._active is not None else "none"
         log.warning(
             "policy refused (source %s, commit %s): %s; keeping policy %s",

@@ -34,7 +34,7 @@ def resident_id(rng: random.Random) -> str:
 
 
 def hospital_rows(seed: int = 7, canary: str = "") -> tuple[list[str], list[list[Any]]]:
-    """Column names and rows; ``canary`` (if given) replaces the name in row 0."""
+    """Column names and rows; ``canary`` (if given) replaces the name and the MRN in row 0."""
     from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
@@ -44,13 +44,14 @@ def hospital_rows(seed: int = 7, canary: str = "") -> tuple[list[str], list[list
     rows: list[list[Any]] = []
     for i, (x, y) in enumerate(zip(data.data, data.target, strict=True)):
         name = f"{rng.choice(SURNAMES)} {rng.choice(GIVEN)}"
+        mrn = f"MRN-{300000 + i:06d}"
         if i == 0 and canary:
-            name = canary
+            name = mrn = canary
         rows.append(
             [
                 name,
                 resident_id(rng),
-                f"MRN-{300000 + i:06d}",
+                mrn,
                 *[round(float(v), 6) for v in x],
                 rng.choice(("negative", "negative", "negative", "BRCA1+", "BRCA2+")),
                 "benign" if int(y) == 1 else "malignant",

@@ -70,8 +70,8 @@ def _wrap_handler(
     on_request: Callable[[Any, grpc.ServicerContext], Any],
     on_response: Callable[[Any, int], Any],
 ) -> grpc.RpcMethodHandler:
-    """The same handler with hooks around each request and response message (unary and
-    server-streaming; the broker has no client-streaming methods)."""
+    """The same handler with hooks around each request and response message (unary,
+    server-streaming and bidi; the broker has no client-streaming-only methods)."""
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
@@ -92,6 +92,17 @@ def _wrap_handler(
 
         return grpc.unary_stream_rpc_method_handler(
             stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_stream is not None:  # training uploads (bidi)
+        inner_bidi = handler.stream_stream
+
+        def bidi(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            seen = (on_request(r, context) for r in requests)
+            for index, reply in enumerate(inner_bidi(seen, context)):
+                yield on_response(reply, index)
+
+        return grpc.stream_stream_rpc_method_handler(
+            bidi, handler.request_deserializer, handler.response_serializer
         )
     raise AssertionError(f"unexpected handler kind for {handler!r}")
 

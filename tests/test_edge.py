@@ -967,8 +967,9 @@ def test_audit_and_state_hold_no_content(edge: Harness) -> None:
     edge.broker.mode = "flip"
     edge.chat(SECRET)
     state = edge.edge.runtime.config.state_dir
-    for path in state.iterdir():
-        assert SECRET.encode() not in path.read_bytes(), path
+    for path in state.rglob("*"):  # every file, also in directories (training state)
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
     assert edge.edge.runtime.audit.verify().ok
 
 

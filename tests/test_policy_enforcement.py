@@ -428,7 +428,7 @@ def test_pseudonymised_request_leaves_with_placeholders_and_is_restored(
     assert record["entity_counts"] == {"CN_MOBILE": 1, "CN_RESIDENT_ID": 1}
     # Nothing sensitive at rest or in the logs: audit, mapping store (encrypted), status.
     state = edge.runtime.config.state_dir
-    for path in state.iterdir():
+    for path in state.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert RESIDENT_ID.encode() not in data and PHONE.encode() not in data, path
@@ -641,6 +641,7 @@ def test_dir_reload_keeps_the_last_good_policy(start_edge: StartEdge, policy_dir
         "rules/30-bad.yaml": (b"rules:\n  - id: x\n    match: {classes_presnt: [a]}\n", "invalid"),
         "binary.yaml": (b"\x00\x01\x02\xff", "invalid"),
         "utf16.yaml": ("classes: [a]".encode("utf-16"), "invalid"),
+        "huge.yaml": (b"#" * (1024 * 1024 + 1), "invalid"),
         "tests/broken.yaml": (
             b"tests:\n  - name: wrong expectation\n    app: clinical-assistant\n"
             b"    purpose: inference\n    model: smollm2-135m\n    text: hello\n"
@@ -658,6 +659,12 @@ def test_dir_reload_keeps_the_last_good_policy(start_edge: StartEdge, policy_dir
         assert edge.chat(NOTE).status_code == 200  # still deciding under the good policy
         assert edge.broker.headers[-1].policy_id == good
         path.unlink()
+    # Polling an unchanged bad directory refuses it again, but logs and audits it once.
+    (policy_dir / "bad.yaml").write_bytes(b"rules: [")
+    assert edge.runtime.reload_policy("poll") == "refused"
+    assert edge.runtime.reload_policy("poll") == "refused"
+    assert edge.runtime.policy.status()["last_attempt"]["result"] == "refused"
+    (policy_dir / "bad.yaml").unlink()
     # A policy that drops an application the edge serves is refused too.
     apps = policy_dir / "applications.yaml"
     original = apps.read_text()
@@ -668,7 +675,7 @@ def test_dir_reload_keeps_the_last_good_policy(start_edge: StartEdge, policy_dir
     assert edge.runtime.reload_policy("test") == "activated"
     assert edge.runtime.policy.policy_id != good
     events = [(e["event"], e.get("reason", "")) for e in edge.audit("policy")]
-    assert [e for e, _ in events] == ["activated", *["refused"] * 5, "activated"]
+    assert [e for e, _ in events] == ["activated", *["refused"] * 7, "activated"]
     assert all(RESIDENT_ID not in r for _, r in events)
 
 
@@ -836,6 +843,7 @@ def test_policy_source_refuses_bad_commits_and_keeps_the_last_good(
         (keys["mallory"], "# mallory\n", "not an allowed signer"),
         (keys["alice"], "rules: [", "is invalid"),
         (keys["alice"], "\x00\x01", "is invalid"),
+        (keys["alice"], "#" * (1024 * 1024 + 1), "exceeds"),
         (keys["alice"], "rules:\n  - {id: z, match: {models: [smollm2-135m]}, effect: deny}\n",
          "policy tests failed"),
     ]  # fmt: skip
@@ -1053,3 +1061,38 @@ def test_policy_status_cli_without_a_status_file(
     plain.write_text(path.read_text().split("[policy]")[0])
     assert sovra_cli.main(["policy", "status", "--config", str(plain), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["active"]["policy_id"].startswith("config:")
+
+
+# -- the local stack's policy -------------------------------------------------------------------
+
+
+@needs_git
+def test_stack_policy_is_a_signed_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_broker.policy import BrokerPolicy
+    from sovra import stack_policy
+    from sovra.policy import Policy, load_from_git, run_tests
+
+    made = stack_policy.prepare(tmp_path / "a", "smollm2-135m")
+    assert made.source == "git" and made.allowed_signers is not None and not made.warning
+    policy, info = load_from_git(made.path, "HEAD", made.allowed_signers)
+    assert info.commit == made.commit and info.signer == stack_policy.SIGNER
+    assert "clinical-assistant" in policy.spec.applications
+    assert stack_policy.prepare(tmp_path / "a", "smollm2-135m").commit == made.commit  # reused
+    table = made.edge_table()
+    assert table is not None and table["source"] == "git" and table["rev"] == "HEAD"
+
+    other = stack_policy.prepare(tmp_path / "b", "stub-model")  # an upstream model: renamed
+    renamed = Policy.load(other.path)
+    assert renamed.spec.destinations["cn-sovereign"].models == ("stub-model",)
+    assert run_tests(renamed).ok
+
+    monkeypatch.setattr(stack_policy.shutil, "which", lambda _name: None)
+    fallback = stack_policy.prepare(tmp_path / "c", "smollm2-135m")
+    assert fallback.source == "dir" and "git is not installed" in fallback.warning
+    assert fallback.edge_table() == {"source": "dir", "path": str(fallback.path), "poll_s": 60}
+
+    stack_policy.write_broker_policy(tmp_path / "broker-policy.yaml", "demo", CN)
+    rules = BrokerPolicy.load(tmp_path / "broker-policy.yaml").rules_for("demo")
+    assert rules is not None and rules.regions == (CN,) and rules.jurisdictions == ("CN",)

@@ -82,7 +82,7 @@ class TrainingPlan:
         return tuple(sorted(out))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> TrainingPlan:

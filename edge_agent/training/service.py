@@ -456,6 +456,8 @@ class TrainingService:
                 job = self.store.job(raw) or {}
                 if not wait or job.get("state") in TERMINAL_STATES:
                     return job
+                if progress is not None:
+                    progress(public_job(job, self.outbox))
                 time.sleep(self.config.poll_s)  # another process holds it: poll, nothing else
                 continue
             try:

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -67,6 +68,7 @@ log = sim_log(__name__)
 
 MAX_JOBS: Final = 16
 MAX_CONCURRENT_TRAINING: Final = 2
+MAX_HISTORY: Final = 256
 SERVICE_NAME: Final = training_pb2.DESCRIPTOR.services_by_name["EnclaveTraining"].full_name
 
 _SERVICES: weakref.WeakKeyDictionary[RequestProcessor, TrainingServicer] = (
@@ -90,6 +92,8 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
     def __init__(self, processor: RequestProcessor, *, max_jobs: int = MAX_JOBS) -> None:
         self._processor = processor
         self.jobs = JobTable(max_jobs)
+        # Per closed job: how often each chunk index was stored, refusals by status (no data).
+        self.history: OrderedDict[bytes, tuple[Counter[int], Counter[str]]] = OrderedDict()
         self._signers: dict[int, ed25519.Ed25519PrivateKey] = {}
         self._signers_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRAINING)
@@ -221,8 +225,24 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
             job.result_frames = None
         self.jobs.remove(job.job_id)
         job.spool.remove()
+        self._remember(job)
         log.info("training job %s closed (%s)", job.job_id.hex(), job.state)
         return training_pb2.CloseJobResponse()
+
+    def _remember(self, job: Job) -> None:
+        with job.lock:
+            self.history[job.job_id] = (Counter(job.accepted), Counter(job.refused))
+        while len(self.history) > MAX_HISTORY:
+            self.history.popitem(last=False)
+
+    def chunk_stats(self, job_id: bytes) -> tuple[Counter[int], Counter[str]]:
+        """(times each chunk index was stored, refusals by gRPC status) of a job."""
+        try:
+            job = self.jobs.get(job_id)
+        except Refused:
+            return self.history.get(job_id, (Counter(), Counter()))
+        with job.lock:
+            return Counter(job.accepted), Counter(job.refused)
 
     # -- scoring --------------------------------------------------------------------------
 
