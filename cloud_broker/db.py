@@ -10,9 +10,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Column, Engine, LargeBinary, String, Text, UniqueConstraint, event, inspect
+from sqlalchemy import (
+    Column,
+    Engine,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    event,
+    insert,
+    inspect,
+)
+from sqlalchemy import select as sql_select
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
@@ -391,10 +403,68 @@ def live_enclaves(
     return [EnclaveEntry(row, tuple(keys[eid])) for eid, row in rows.items() if eid in keys]
 
 
+@dataclass(frozen=True)
+class DispatchTarget:
+    """What dispatch needs of a live enclave: its address, its region and the key epochs whose
+    attestation is still valid. No public keys, evidence or EARs: dispatch never reads them."""
+
+    enclave_id: str
+    address: str
+    region: str
+    epochs: frozenset[int]
+
+
+# One narrow, pre-built statement: the same liveness rules as live_enclaves (admitted, heartbeat
+# within the window, key attested at `now`), selecting four small columns instead of whole rows.
+_DISPATCH_TARGETS: Final = (
+    sql_select(
+        col(EnclaveRow.enclave_id),
+        col(EnclaveRow.address),
+        col(EnclaveRow.region),
+        col(EnclaveKeyRow.epoch),
+    )
+    .join(EnclaveKeyRow, col(EnclaveKeyRow.enclave_id) == col(EnclaveRow.enclave_id))
+    .where(
+        col(EnclaveRow.status) == STATUS_ADMITTED,
+        col(EnclaveRow.last_heartbeat_ms) >= bindparam("cutoff_ms"),
+        col(EnclaveKeyRow.attested_until_ms) > bindparam("now_ms"),
+        col(EnclaveRow.enclave_id).in_(bindparam("ids", expanding=True)),
+    )
+)
+
+
+def dispatch_targets(
+    engine: Engine, now_ms: int, heartbeat_cutoff_ms: int, enclave_ids: Sequence[str]
+) -> dict[str, DispatchTarget]:
+    """The enclaves among ``enclave_ids`` that dispatch may use now, by id.
+
+    Exactly the rules of :func:`live_enclaves`, read fresh from the database on every call (no
+    cache, so an eviction by any replica applies to the next dispatch), as one Core query.
+    """
+    if not enclave_ids:
+        return {}
+    params = {"cutoff_ms": heartbeat_cutoff_ms, "now_ms": now_ms, "ids": list(enclave_ids)}
+    found: dict[str, tuple[str, str, set[int]]] = {}
+    with engine.connect() as conn:
+        for enclave_id, address, region, epoch in conn.execute(_DISPATCH_TARGETS, params):
+            found.setdefault(enclave_id, (address, region, set()))[2].add(epoch)
+    return {
+        eid: DispatchTarget(eid, address, region, frozenset(epochs))
+        for eid, (address, region, epochs) in found.items()
+    }
+
+
 def record_request(engine: Engine, row: RequestRow) -> None:
-    with Session(engine) as session:
-        session.add(row)
-        session.commit()
+    record_requests(engine, [row])
+
+
+def record_requests(engine: Engine, rows: Sequence[RequestRow]) -> None:
+    """Insert request rows in one transaction (one Core multi-row insert)."""
+    if not rows:
+        return
+    values = [row.model_dump(exclude={"id"}) for row in rows]
+    with engine.begin() as conn:
+        conn.execute(insert(RequestRow), values)
 
 
 def recent_requests(engine: Engine, limit: int = 100) -> list[RequestRow]:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import grpc
+import grpc.experimental
 from sqlalchemy.exc import SQLAlchemyError
 
 from cloud_broker import db
@@ -24,10 +25,11 @@ from cloud_broker.config import Strategy, TenantPolicy
 from cloud_broker.errors import BrokerError
 from cloud_broker.policy import BrokerPolicy, QuotaStore, TenantRules
 from cloud_broker.registry import Clock, Registry
+from cloud_broker.request_log import RequestLog
 from sovra.envelope import MAX_ENVELOPE_BYTES, BadSignature, Envelope, EnvelopeError, Header
 from sovra.pki import Identity
 from sovra.tls import TLSFiles, secure_channel
-from sovra.v1 import enclave_pb2, enclave_pb2_grpc
+from sovra.v1 import enclave_pb2
 
 log = logging.getLogger(__name__)
 
@@ -62,44 +64,74 @@ class Candidate:
     address: str
 
 
+@dataclass(frozen=True, eq=False)
+class _Link:
+    address: str
+    channel: grpc.Channel
+    process: Any  # grpc.UnaryStreamMultiCallable for EnclaveService/Process (see EnclaveLinks)
+    process_stream: Any  # grpc.UnaryStreamMultiCallable for EnclaveService/ProcessStream
+
+
 class EnclaveLinks:
-    """mTLS channels to enclaves, cached per enclave and address, pinned to the enclave identity."""
+    """mTLS channels to enclaves, cached per enclave and address, pinned to the enclave identity.
+
+    Calls run on the calling thread (gRPC's single-threaded unary-stream mode): the RPC worker
+    that relays a request drives the enclave call itself instead of waking a channel thread
+    (which a sync channel starts afresh whenever it goes idle), and ``call.cancel()`` from
+    another thread still ends it. ``Process`` is unary; on the wire a unary reply is a stream
+    of one message, so it is called the same way and exactly one message is required
+    (:func:`_one_frame`).
+    """
 
     def __init__(self, tls: TLSFiles) -> None:
         self._tls = tls
         self._lock = threading.Lock()
-        self._links: dict[str, tuple[str, grpc.Channel, enclave_pb2_grpc.EnclaveServiceStub]] = {}
+        self._links: dict[str, _Link] = {}
 
-    def stub(self, candidate: Candidate) -> enclave_pb2_grpc.EnclaveServiceStub:
+    def link(self, candidate: Candidate) -> _Link:
         with self._lock:
             cached = self._links.get(candidate.enclave_id)
-            if cached is not None and cached[0] == candidate.address:
-                return cached[2]
+            if cached is not None and cached.address == candidate.address:
+                return cached
             if cached is not None:  # re-registered elsewhere: the old address is dead to us
-                cached[1].close()
+                cached.channel.close()
             channel = secure_channel(
                 candidate.address,
                 self._tls,
                 server_identity=Identity.enclave(candidate.enclave_id),
                 options=_CHANNEL_OPTIONS,
             )
-            stub = enclave_pb2_grpc.EnclaveServiceStub(channel)
-            self._links[candidate.enclave_id] = (candidate.address, channel, stub)
-            return stub
+            link = _Link(
+                candidate.address,
+                channel,
+                channel.unary_stream(_PROCESS, *_FRAME_CODEC),
+                channel.unary_stream(_PROCESS_STREAM, *_FRAME_CODEC),
+            )
+            self._links[candidate.enclave_id] = link
+            return link
 
     def close(self) -> None:
         with self._lock:
-            for _, channel, _ in self._links.values():
-                channel.close()
+            for link in self._links.values():
+                link.channel.close()
             self._links.clear()
 
 
+_ENCLAVE_SERVICE: Final = enclave_pb2.DESCRIPTOR.services_by_name["EnclaveService"].full_name
+_PROCESS: Final = f"/{_ENCLAVE_SERVICE}/Process"
+_PROCESS_STREAM: Final = f"/{_ENCLAVE_SERVICE}/ProcessStream"
+_FRAME_CODEC: Final = (
+    enclave_pb2.SealedRequest.SerializeToString,
+    enclave_pb2.SealedFrame.FromString,
+)
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     # A restarted enclave should be reachable again within seconds, not after minutes of backoff.
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5000),
+    # Unary-stream calls run on the thread that iterates them (EnclaveLinks).
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 )
 
 
@@ -189,6 +221,17 @@ class Dispatcher:
         self._policy = policy
         self._quotas = quotas
         self.inflight = InFlight()
+        # requests rows are written behind the reply (cloud_broker/request_log.py).
+        self.request_log = RequestLog(registry.engine)
+
+    def flush_records(self, timeout: float | None = None) -> bool:
+        """Wait until the requests rows of every dispatch that ended so far are committed."""
+        return self.request_log.flush(timeout)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Write the queued requests rows and stop their writer (after the server stopped)."""
+        if not self.request_log.close(timeout):
+            log.error("request log writer did not finish within %ss", timeout)
 
     def dispatch(
         self, tenant: TenantPolicy, envelope: bytes, scope: CallScope
@@ -269,27 +312,24 @@ class Dispatcher:
     def _candidates(
         self, header: Header, tenant: TenantPolicy, rules: TenantRules | None = None
     ) -> list[Candidate]:
-        live = {
-            e.enclave.enclave_id: e
-            for e in self._registry.live([r.enclave_id for r in header.recipients])
-        }
+        live = self._registry.dispatch_targets([r.enclave_id for r in header.recipients])
         admitted: list[Candidate] = []
         outside = 0
         excluded: list[str] = []  # candidates the broker policy does not allow, and why
         for recipient in header.recipients:
-            entry = live.get(recipient.enclave_id)
-            if entry is None or recipient.epoch not in {k.epoch for k in entry.keys}:
+            target = live.get(recipient.enclave_id)
+            if target is None or recipient.epoch not in target.epochs:
                 continue
-            if not tenant.allows_region(entry.enclave.region):
+            if not tenant.allows_region(target.region):
                 outside += 1
                 continue
             if rules is not None and self._policy is not None:
-                why = self._policy.excludes(rules, recipient.enclave_id, entry.enclave.region)
+                why = self._policy.excludes(rules, recipient.enclave_id, target.region)
                 if why is not None:
                     excluded.append(f"{recipient.enclave_id}: {why}")
                     continue
             if all(c.enclave_id != recipient.enclave_id for c in admitted):
-                admitted.append(Candidate(recipient.enclave_id, entry.enclave.address))
+                admitted.append(Candidate(recipient.enclave_id, target.address))
         if not admitted and excluded and rules is not None and self._policy is not None:
             raise BrokerError(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -335,17 +375,17 @@ class Dispatcher:
         for candidate in candidates:
             timeout = self._timeout(header, scope, failures)
             outcome.attempts += 1
-            call = self._links.stub(candidate).Process.future(request, timeout=timeout)
+            call = self._links.link(candidate).process(request, timeout=timeout)
             scope.add_callback(call.cancel)  # edge gone: stop the enclave's work too
             try:
                 with self.inflight.track(candidate.enclave_id):
-                    reply = call.result()
+                    frame = _one_frame(candidate, call)
             except grpc.RpcError as err:
                 failures.append(self._failed(candidate, err, scope))
                 continue
             outcome.enclave_id = candidate.enclave_id
-            outcome.frames, outcome.bytes_out = 1, len(reply.frame)
-            return candidate.enclave_id, reply.frame
+            outcome.frames, outcome.bytes_out = 1, len(frame)
+            return candidate.enclave_id, frame
         raise _all_failed(failures)
 
     def _streamed(
@@ -361,7 +401,7 @@ class Dispatcher:
         for candidate in candidates:
             timeout = self._timeout(header, scope, failures)
             outcome.attempts += 1
-            call = self._links.stub(candidate).ProcessStream(request, timeout=timeout)
+            call = self._links.link(candidate).process_stream(request, timeout=timeout)
             scope.add_callback(call.cancel)
             try:
                 with self.inflight.track(candidate.enclave_id):
@@ -402,17 +442,14 @@ class Dispatcher:
             row.enclave_id or "-", row.attempts, row.status, row.bytes_in, row.bytes_out,
             row.frames, row.duration_ms,
         )  # fmt: skip
-        try:
-            db.record_request(self._registry.engine, row)
-        except SQLAlchemyError as exc:
-            # The reply is already decided; losing a metadata row must not lose the reply.
-            log.error("could not record request rid=%s: %s", row.request_id, type(exc).__name__)
         if outcome.rules is not None and self._quotas is not None and outcome.frames:
-            try:
+            try:  # synchronous: the next admission of this tenant must see these frames
                 self._quotas.record_frames(outcome.rules, outcome.frames)
             except SQLAlchemyError as exc:
                 log.error("could not count quota usage rid=%s: %s", row.request_id,
                           type(exc).__name__)  # fmt: skip
+        # The reply is already decided; the row is metadata, written behind it (bounded queue).
+        self.request_log.submit(row)
 
 
 def _decode_or_log(envelope: bytes, tenant: TenantPolicy, *, stream: bool) -> Envelope:
@@ -439,6 +476,18 @@ def _decode(envelope: bytes) -> Envelope:
         return Envelope.decode(envelope)
     except (EnvelopeError, ValueError) as exc:
         raise BrokerError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed envelope: {exc}") from None
+
+
+def _one_frame(candidate: Candidate, call: Iterable[enclave_pb2.SealedFrame]) -> bytes:
+    """The reply of a unary ``Process`` call (read to its status: RpcError unless OK)."""
+    replies = list(call)
+    if len(replies) != 1:  # a conforming unary server sends exactly one
+        raise BrokerError(
+            grpc.StatusCode.INTERNAL,
+            f"enclave {candidate.enclave_id}: a unary reply must be one message, got "
+            f"{len(replies)}",
+        )
+    return replies[0].frame
 
 
 def _edge_gone() -> BrokerError:

@@ -34,8 +34,9 @@ from typing import Any, Final
 
 import grpc
 import yaml
-from sqlalchemy import Engine
-from sqlmodel import Field, Session, SQLModel
+from sqlalchemy import Connection, Engine, bindparam, insert, update
+from sqlalchemy import select as sql_select
+from sqlmodel import Field, Session, SQLModel, col
 
 from cloud_broker.errors import BrokerError
 
@@ -247,6 +248,69 @@ class QuotaRow(SQLModel, table=True):
     day_frames: int = 0
 
 
+@dataclass
+class _QuotaState:
+    """One ``quotas`` row as read for an update (plain values: cheaper than an ORM object on the
+    dispatch path)."""
+
+    tenant: str
+    bucket: float
+    bucket_ms: int
+    day: str
+    day_frames: int = 0
+    stored: bool = False  # the row exists (UPDATE) or not yet (INSERT)
+
+
+# Pre-built statements (built once, so each use skips statement construction and caching).
+_QUOTA_LOCK: Final = (
+    sql_select(
+        col(QuotaRow.bucket), col(QuotaRow.bucket_ms), col(QuotaRow.day), col(QuotaRow.day_frames)
+    )
+    .where(col(QuotaRow.tenant) == bindparam("key"))
+    .with_for_update()
+)
+_QUOTA_UPDATE: Final = (
+    update(QuotaRow)
+    .where(col(QuotaRow.tenant) == bindparam("key"))
+    .values(
+        bucket=bindparam("bucket"),
+        bucket_ms=bindparam("bucket_ms"),
+        day=bindparam("day"),
+        day_frames=bindparam("day_frames"),
+    )
+)
+_QUOTA_INSERT: Final = insert(QuotaRow).values(
+    tenant=bindparam("key"),
+    bucket=bindparam("bucket"),
+    bucket_ms=bindparam("bucket_ms"),
+    day=bindparam("day"),
+    day_frames=bindparam("day_frames"),
+)
+
+
+def _load(conn: Connection, tenant: str) -> _QuotaState | None:
+    """The tenant's quota row, locked for this transaction (``SELECT ... FOR UPDATE`` where the
+    database has it; SQLite serialises writers anyway)."""
+    found = conn.execute(_QUOTA_LOCK, {"key": tenant}).first()
+    if found is None:
+        return None
+    bucket, bucket_ms, day, day_frames = found
+    return _QuotaState(tenant, bucket, bucket_ms, day, day_frames, stored=True)
+
+
+def _save(conn: Connection, state: _QuotaState) -> None:
+    conn.execute(
+        _QUOTA_UPDATE if state.stored else _QUOTA_INSERT,
+        {
+            "key": state.tenant,
+            "bucket": state.bucket,
+            "bucket_ms": state.bucket_ms,
+            "day": state.day,
+            "day_frames": state.day_frames,
+        },
+    )
+
+
 def _day(now_s: float) -> str:
     return datetime.fromtimestamp(now_s, UTC).date().isoformat()
 
@@ -276,15 +340,11 @@ class QuotaStore:
         now = self._clock()
         now_ms = int(now * 1000)
         today = _day(now)
-        with self._lock, Session(self._engine) as session:
-            row = session.get(QuotaRow, rules.tenant, with_for_update=True)
-            if row is None:
-                row = QuotaRow(
-                    tenant=rules.tenant,
-                    bucket=float(quotas.requests_per_min or 0),
-                    bucket_ms=now_ms,
-                    day=today,
-                )
+        with self._lock, self._engine.begin() as conn:
+            row = _load(conn, rules.tenant) or _QuotaState(
+                rules.tenant, bucket=float(quotas.requests_per_min or 0), bucket_ms=now_ms,
+                day=today,
+            )  # fmt: skip
             if row.day != today:
                 row.day, row.day_frames = today, 0
             limit = quotas.tokens_per_day
@@ -310,8 +370,7 @@ class QuotaStore:
                         f"in {wait_s:.1f}s (at {_iso(now + wait_s)})",
                     )
                 row.bucket, row.bucket_ms = tokens - 1.0, now_ms
-            session.add(row)
-            session.commit()
+            _save(conn, row)
 
     def record_frames(self, rules: TenantRules, frames: int) -> None:
         """Count reply frames relayed to the tenant against today's ``tokens_per_day``."""
@@ -319,20 +378,15 @@ class QuotaStore:
             return
         now = self._clock()
         today = _day(now)
-        with self._lock, Session(self._engine) as session:
-            row = session.get(QuotaRow, rules.tenant, with_for_update=True)
-            if row is None:
-                row = QuotaRow(
-                    tenant=rules.tenant,
-                    bucket=float(rules.quotas.requests_per_min or 0),
-                    bucket_ms=int(now * 1000),
-                    day=today,
-                )
+        with self._lock, self._engine.begin() as conn:
+            row = _load(conn, rules.tenant) or _QuotaState(
+                rules.tenant, bucket=float(rules.quotas.requests_per_min or 0),
+                bucket_ms=int(now * 1000), day=today,
+            )  # fmt: skip
             if row.day != today:
                 row.day, row.day_frames = today, 0
             row.day_frames += frames
-            session.add(row)
-            session.commit()
+            _save(conn, row)
 
     def usage(self, tenant: str) -> QuotaRow | None:
         with Session(self._engine) as session:

@@ -329,6 +329,12 @@ class Registry:
         now = self.now_ms()
         return db.live_enclaves(self.engine, now, now - self._window_ms, enclave_ids)
 
+    def dispatch_targets(self, enclave_ids: Sequence[str]) -> dict[str, db.DispatchTarget]:
+        """The live enclaves among ``enclave_ids`` with their attested epochs (the rules of
+        :meth:`live`, read fresh for every dispatch; only the columns dispatch needs)."""
+        now = self.now_ms()
+        return db.dispatch_targets(self.engine, now, now - self._window_ms, enclave_ids)
+
     def _admitted_row(self, enclave_id: str) -> db.EnclaveRow:
         row = db.get_enclave(self.engine, enclave_id)
         if row is not None and row.status == db.STATUS_ADMITTED:

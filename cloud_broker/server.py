@@ -306,6 +306,7 @@ class RunningBroker:
             self._reappraisal.stop()
         self._server.stop(grace).wait()
         self._links.close()
+        self.dispatcher.close()  # no dispatch runs now: write the queued requests rows
         self.registry.engine.dispose()
         log.info("broker stopped address=%s", self.address)
 

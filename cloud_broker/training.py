@@ -151,6 +151,13 @@ class _Links:
             self._links[placement.enclave_id] = (placement.address, channel, stub)
             return stub
 
+    def raw_upload(self, placement: Placement) -> Any:
+        """EnclaveTraining/Upload on the enclave's channel, bytes in and bytes out."""
+        self.stub(placement)
+        with self._lock:
+            channel = self._links[placement.enclave_id][1]
+        return channel.stream_stream("/sovra.v1.EnclaveTraining/Upload")
+
     def close(self) -> None:
         with self._lock:
             for _, channel, _ in self._links.values():
@@ -375,47 +382,60 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
         return ack
 
     @_streaming
-    def Upload(
-        self, request_iterator: Iterator[training_pb2.UploadRequest], context: grpc.ServicerContext
-    ) -> Iterator[training_pb2.JobAck]:
+    def Upload(  # type: ignore[override]  # bytes in and out: see _register
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """Relay an upload stream as bytes: the broker never parses (or copies) a chunk into a
+        message; it checks each request's job id prefix and size, and reads the (small) acks."""
         tenant = self._tenant(context)
-        first = next(request_iterator, None)
-        if first is None:
+        first_raw = next(request_iterator, None)
+        if first_raw is None:
             return
+        first = _parse(training_pb2.UploadRequest, first_raw, "upload request")
         row = self._row(tenant, first.job_id)
         placement = self._scheduler.locate(row)
+        prefix = training_pb2.UploadRequest(job_id=first.job_id).SerializeToString()
         relayed = {"bytes": 0, "chunks": 0}
 
-        def forward() -> Iterator[training_pb2.UploadRequest]:
-            for request in _chain(first, request_iterator):
-                if request.job_id != first.job_id or len(request.chunk) > MAX_CHUNK_BYTES + 1024:
-                    # The enclave refuses it anyway; don't spend the bandwidth.
-                    return
-                relayed["bytes"] += len(request.chunk)
-                relayed["chunks"] += 1 if request.chunk else 0
-                yield request
+        def forward() -> Iterator[bytes]:
+            for raw in _chain(first_raw, request_iterator):
+                if len(raw) > MAX_CHUNK_BYTES + 1024:
+                    return  # the enclave would refuse it anyway; don't spend the bandwidth
+                if not raw.startswith(prefix):  # another encoding: check the job id properly
+                    request = _parse(training_pb2.UploadRequest, raw, "upload request")
+                    if request.job_id != first.job_id:
+                        return  # one stream, one job
+                relayed["bytes"] += len(raw)
+                relayed["chunks"] += 1 if len(raw) > len(prefix) else 0
+                yield raw
 
         remaining = context.time_remaining()
         timeout = UPLOAD_TIMEOUT_S if remaining is None else min(UPLOAD_TIMEOUT_S, remaining)
-        call = self._links.stub(placement).Upload(forward(), timeout=timeout)
+        call = self._links.raw_upload(placement)(forward(), timeout=timeout)
         context.add_callback(call.cancel)
         self._update(row.job_id, add_uploads=1, state="uploading")
         acked = row.chunks_acked
         complete = False
+        recorded = time.monotonic()
         try:
-            for ack in call:
+            for raw_ack in call:
+                ack = _parse(training_pb2.JobAck, raw_ack, "enclave ack")
                 acked, complete = ack.next_chunk, ack.complete
-                self._update(
-                    row.job_id, chunks_acked=acked, state="training" if complete else "uploading"
-                )
-                yield ack
+                if complete or time.monotonic() - recorded > 0.5:  # metadata, not per chunk
+                    recorded = time.monotonic()
+                    self._update(
+                        row.job_id,
+                        chunks_acked=acked,
+                        state="training" if complete else "uploading",
+                    )
+                yield raw_ack
         except grpc.RpcError as err:
             if not context.is_active():
                 return
             raise _relay_error(placement.enclave_id, err) from None
         finally:
             call.cancel()
-            self._update(row.job_id, add_bytes_relayed=relayed["bytes"])
+            self._update(row.job_id, add_bytes_relayed=relayed["bytes"], chunks_acked=acked)
             log.info(
                 "training upload job=%s tenant=%s enclave=%s chunks=%d bytes=%d acked=%d "
                 "complete=%s",
@@ -526,6 +546,13 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
         )
 
 
+def _parse(kind: Any, raw: bytes, what: str) -> Any:
+    try:
+        return kind.FromString(raw)
+    except Exception:  # protobuf DecodeError
+        raise BrokerError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}") from None
+
+
 def _chain(first: Req, rest: Iterator[Req]) -> Iterator[Req]:
     yield first
     yield from rest
@@ -538,12 +565,38 @@ def jobs(engine: Engine) -> list[TrainingJobRow]:
         return list(session.exec(stmt).all())
 
 
+def _register(servicer: TrainingGatewayServicer, server: grpc.Server) -> None:
+    """Like the generated ``add_TrainingGatewayServicer_to_server``, but ``Upload`` takes and
+    yields serialized bytes (the broker relays chunks without parsing them)."""
+    pb = training_pb2
+    handlers = {
+        "OpenJob": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenJob, pb.OpenJobRequest.FromString, pb.JobAck.SerializeToString
+        ),
+        "Upload": grpc.stream_stream_rpc_method_handler(servicer.Upload),
+        "GetJob": grpc.unary_unary_rpc_method_handler(
+            servicer.GetJob, pb.JobRef.FromString, pb.JobStatus.SerializeToString
+        ),
+        "FetchResult": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchResult, pb.JobRef.FromString, pb.TrainingReply.SerializeToString
+        ),
+        "CloseJob": grpc.unary_unary_rpc_method_handler(
+            servicer.CloseJob, pb.CloseJobRequest.FromString, pb.CloseJobResponse.SerializeToString
+        ),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, pb.ScoreRequest.FromString, pb.TrainingReply.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def add_training_service(
     server: grpc.Server, config: BrokerConfig, registry: Registry
 ) -> TrainingGatewayServicer:
     """Register TrainingGateway on ``server``; its enclave links close when the server ends."""
     servicer = TrainingGatewayServicer(config, registry)
-    training_pb2_grpc.add_TrainingGatewayServicer_to_server(servicer, server)
+    _register(servicer, server)
 
     def close_when_done() -> None:
         server.wait_for_termination()

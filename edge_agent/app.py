@@ -136,7 +136,13 @@ def authenticated(request: Request) -> AppConfig:
     return found
 
 
-AuthenticatedApp = Annotated[AppConfig, Depends(authenticated)]
+async def _authenticated(request: Request) -> AppConfig:
+    # The same check as a coroutine: FastAPI runs sync dependencies in a worker thread, and the
+    # hop costs more than the check itself (a few hashes) on every request.
+    return authenticated(request)
+
+
+AuthenticatedApp = Annotated[AppConfig, Depends(_authenticated)]
 
 
 # -- the app -------------------------------------------------------------------------------------

@@ -202,11 +202,11 @@ class Dispatcher:
                 if plan.pseudonymiser is not None:
                     result = content.restore_reply(result, plan.pseudonymiser)
         except ApiError as err:
-            self._fail(rec, err)
+            await self._fail(rec, err)
             raise
         except Exception as exc:
-            raise self._internal(rec, exc) from None
-        self._succeed(rec)
+            raise await self._internal(rec, exc) from None
+        await self._succeed(rec)  # the audit record is on disk before the app gets the reply
         return result
 
     # -- streaming ------------------------------------------------------------------------------
@@ -226,11 +226,11 @@ class Dispatcher:
             first = await self._next_chunk(rec, candidates, call, opener)
         except ApiError as err:
             _cancel(call)
-            self._fail(rec, err)
+            await self._fail(rec, err)
             raise
         except Exception as exc:
             _cancel(call)
-            raise self._internal(rec, exc) from None
+            raise await self._internal(rec, exc) from None
         restorer = None if plan.pseudonymiser is None else content.ChunkRestorer(plan.pseudonymiser)
         return self._events(rec, candidates, call, opener, first, restorer)
 
@@ -251,17 +251,17 @@ class Dispatcher:
             tail = restorer.flush() if restorer is not None else None
             if tail is not None:
                 yield sse_event(tail)
-            self._succeed(rec)
+            await self._succeed(rec)
         except ApiError as err:
             failure = err
-            self._fail(rec, err)
+            await self._fail(rec, err)
         except Exception as exc:
-            failure = self._internal(rec, exc)
+            failure = await self._internal(rec, exc)
         finally:
             call.cancel()
             if not rec.finished:  # the client went away (the generator was closed)
                 rec.outcome, rec.status = "client_disconnected", STATUS_CLIENT_GONE
-                self._finish(rec)
+                self._finish_now(rec)
         if failure is not None:
             yield sse_event(failure.body())
         yield SSE_DONE
@@ -380,19 +380,19 @@ class Dispatcher:
             while chunk is not None:
                 yield sse_event(chunk)
                 chunk = await anext(chunks, None)
-            self._succeed(rec)
+            await self._succeed(rec)
         except ApiError as err:
             failure = err
-            self._fail(rec, err)
+            await self._fail(rec, err)
         except Exception as exc:
-            failure = self._internal(rec, exc)
+            failure = await self._internal(rec, exc)
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
             if not rec.finished:
                 rec.outcome, rec.status = "client_disconnected", STATUS_CLIENT_GONE
-                self._finish(rec)
+                self._finish_now(rec)
         if failure is not None:
             yield sse_event(failure.body())
         yield SSE_DONE
@@ -492,11 +492,11 @@ class Dispatcher:
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def _succeed(self, rec: RequestRecord) -> None:
+    async def _succeed(self, rec: RequestRecord) -> None:
         rec.outcome, rec.status = "ok", 200
-        self._finish(rec)
+        await self._finish(rec)
 
-    def _fail(self, rec: RequestRecord, err: ApiError) -> None:
+    async def _fail(self, rec: RequestRecord, err: ApiError) -> None:
         rec.outcome, rec.status = err.code, err.status
         if isinstance(err, ReplyIntegrityError):
             rec.reason = err.reason
@@ -506,16 +506,26 @@ class Dispatcher:
                 rec.served_by,
                 err.reason,
             )
-        self._finish(rec)
+        await self._finish(rec)
 
-    def _internal(self, rec: RequestRecord, exc: Exception) -> ApiError:
+    async def _internal(self, rec: RequestRecord, exc: Exception) -> ApiError:
         # Only the type: exception messages could quote request content.
         log.error("internal error: rid=%s: %s", rec.request_id_hex, type(exc).__name__)
         err = internal_error()
-        self._fail(rec, err)
+        await self._fail(rec, err)
         return err
 
-    def _finish(self, rec: RequestRecord) -> None:
+    async def _finish(self, rec: RequestRecord) -> None:
+        """Append the request's audit record and wait until it is on disk, without blocking the
+        event loop (sovra/audit.py rule 6: concurrent requests share one commit). The record is
+        written even if this wait is cancelled."""
+        if rec.finished:
+            return
+        rec.finished = True
+        await self._audit.append_async(AUDIT_KIND, rec.audit_record())
+
+    def _finish_now(self, rec: RequestRecord) -> None:
+        """:meth:`_finish`, blocking: for generators being closed, where awaiting is unsafe."""
         if rec.finished:
             return
         rec.finished = True

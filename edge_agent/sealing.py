@@ -107,7 +107,7 @@ def seal(
             "request body holds a string that is not valid Unicode (unpaired surrogate)",
         ) from None
     envelope, secrets = seal_request(
-        header, payload, [(c.recipient, c.public_key) for c in candidates], signing_key
+        header, payload, [(c.recipient, c.sealing_key) for c in candidates], signing_key
     )
     return SealedRequest(header, envelope, secrets)
 

@@ -62,6 +62,8 @@ def _build(config: EdgeConfig) -> tuple[EdgeRuntime, _Server]:
         lifespan="on",
         server_header=False,
         timeout_graceful_shutdown=10,
+        http="auto",  # httptools (a dependency) when importable: cheaper per request than h11
+        loop="asyncio",  # the loop grpc.aio (the broker client) is run and tested on
     )
     return runtime, _Server(uv_config)
 

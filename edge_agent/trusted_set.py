@@ -139,6 +139,13 @@ class TrustedKey:
     key_sha256: str
     models: frozenset[str]
     broker_ear: str = EAR_UNVERIFIED  # the broker's EAR status for this key (rule 10)
+    # ``public_key`` parsed once at admission (sealing reuses it instead of parsing per request)
+    hpke_key: suites.HPKEPublicKey | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sealing_key(self) -> bytes | suites.HPKEPublicKey:
+        """What ``seal_request`` takes for this key: the parsed key, else the wire bytes."""
+        return self.hpke_key if self.hpke_key is not None else self.public_key
 
     @property
     def enclave_id(self) -> str:
@@ -309,7 +316,7 @@ class TrustedEnclaveSet:
         if not enclave_id:
             raise UnusableKey(enclave_id, epoch, "directory entry has no enclave id")
         try:
-            suites.decode_public_key(offered.kem, offered.public_key)
+            hpke_key = suites.decode_public_key(offered.kem, offered.public_key)
         except ValueError as exc:  # UnknownSuite is a ValueError too
             raise UnusableKey(enclave_id, epoch, str(exc)) from None
         candidate = OfferedKey(
@@ -340,6 +347,7 @@ class TrustedEnclaveSet:
             public_key=offered.public_key,
             key_sha256=hashlib.sha256(offered.public_key).hexdigest(),
             models=models,
+            hpke_key=hpke_key,
         )
 
     # -- queries ------------------------------------------------------------------------------

@@ -14,10 +14,16 @@ Rules (read before changing anything here):
    appending to the same file cannot fork the chain.
 5. Records hold metadata only (ids, names, decisions, outcomes, timings). Never prompts, replies,
    API keys or key material: callers build records from fields, never from request bodies.
+6. Durable before it counts: ``synchronous=FULL``, so a commit is on disk (WAL fsync) when
+   ``append`` returns or the future of ``submit`` resolves. ``submit`` / ``append_async`` hand
+   the entry to one writer thread, which commits whatever has queued up in one transaction
+   (group commit: one fsync for many concurrent entries); callers that must not act before the
+   entry is stored (the edge before it answers) wait for that future.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
@@ -25,11 +31,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
 GENESIS_HASH: Final = "0" * 64
+MAX_BATCH: Final = 256  # entries per group commit at most
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -116,11 +124,23 @@ class AuditLog:
                 self.path, check_same_thread=False, isolation_level=None, timeout=10
             )
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # rule 6: fsync at every commit
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise AuditError(f"cannot open audit log {self.path}: {exc}") from None
+        self._queue: list[tuple[str, str, Future[AuditEntry]]] = []
+        self._queue_cond = threading.Condition()
+        self._writer: threading.Thread | None = None  # started by the first submit
+        self._closing = False
 
     def close(self) -> None:
+        """Commit what was submitted, stop the writer thread and close the file."""
+        with self._queue_cond:
+            self._closing = True
+            self._queue_cond.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
         with self._lock:
             self._db.close()
 
@@ -144,6 +164,65 @@ class AuditLog:
             except sqlite3.Error as exc:
                 raise AuditError(f"cannot append to audit log {self.path}: {exc}") from None
         return entry
+
+    def submit(self, kind: str, record: dict[str, Any]) -> Future[AuditEntry]:
+        """Queue an entry for the writer thread; the future resolves once it is committed and
+        on disk (rule 6), or fails with :class:`AuditError`. ValueError at once if ``record``
+        is not plain JSON data."""
+        text = canonical_json(record)
+        future: Future[AuditEntry] = Future()
+        # Running from the start: a waiter that gives up (a cancelled request) cannot cancel it,
+        # so the entry is written whatever happens to the caller.
+        future.set_running_or_notify_cancel()
+        with self._queue_cond:
+            if self._closing:
+                raise AuditError(f"audit log {self.path} is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="sovra-audit-writer", daemon=True
+                )
+                self._writer.start()
+            self._queue.append((kind, text, future))
+            self._queue_cond.notify()
+        return future
+
+    async def append_async(self, kind: str, record: dict[str, Any]) -> AuditEntry:
+        """:meth:`append` without blocking the event loop: returns once the entry is on disk.
+        Concurrent callers share commits (group commit)."""
+        return await asyncio.wrap_future(self.submit(kind, record))
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._queue_cond:
+                while not self._queue and not self._closing:
+                    self._queue_cond.wait()
+                if not self._queue:
+                    return  # closing, and everything submitted is written
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[tuple[str, str, Future[AuditEntry]]]) -> None:
+        """Append ``batch`` in order in ONE transaction; every future gets the outcome."""
+        entries: list[AuditEntry] = []
+        error: BaseException | None = None
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    entries = [self._append_locked(kind, text) for kind, text, _ in batch]
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                error = AuditError(f"cannot append to audit log {self.path}: {exc}")
+            except Exception as exc:  # the writer thread must survive; callers see the failure
+                error = AuditError(f"cannot append to audit log {self.path}: {type(exc).__name__}")
+        for index, (_, _, future) in enumerate(batch):
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(entries[index])
 
     def _append_locked(self, kind: str, text: str) -> AuditEntry:
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()

@@ -6,6 +6,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from sovra import demo_training
+
 if TYPE_CHECKING:
     from sovra.stack import Stack
 
@@ -76,7 +78,8 @@ def run(stack: Stack) -> int:
     leaked = _canary_in_broker(stack)
     print(f"\n-- canary {CANARY_NOTE.split()[1]!r} or the resident ID found in broker files: "
           f"{leaked}")  # fmt: skip
-    return 1 if leaked or not policy_ok else 0
+    training_ok = demo_training.run(stack) == 0  # sovra/demo_training.py
+    return 1 if leaked or not policy_ok or not training_ok else 0
 
 
 def _policy_demo(stack: Stack, client: Any, model: str) -> bool:

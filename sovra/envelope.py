@@ -298,13 +298,14 @@ class RequestSecrets:
 def seal_request(
     header: Header,
     payload: bytes,
-    recipient_keys: Sequence[tuple[Recipient, bytes]],
+    recipient_keys: Sequence[tuple[Recipient, bytes | suites.HPKEPublicKey]],
     signing_key: ed25519.Ed25519PrivateKey,
 ) -> tuple[bytes, RequestSecrets]:
     """Seal ``payload`` for each verified recipient key; returns envelope bytes and secrets.
 
-    ``recipient_keys`` pairs each recipient with its wire public key, in header order. The
-    caller must pass only keys it verified itself (edge trusted set).
+    ``recipient_keys`` pairs each recipient with its wire public key (or that key already
+    parsed by ``suites.decode_public_key``, which must be of the suite's KEM), in header order.
+    The caller must pass only keys it verified itself (edge trusted set).
     """
     header.validate()
     if tuple(r for r, _ in recipient_keys) != header.recipients:
@@ -320,7 +321,7 @@ def seal_request(
     wrapped = tuple(
         WrappedKey(
             recipient,
-            suite.hpke().encrypt(dek, suites.decode_public_key(suite.kem, pub), info=info),
+            suite.hpke().encrypt(dek, _public_key(suite.kem, pub), info=info),
         )
         for recipient, pub in recipient_keys
     )
@@ -329,6 +330,12 @@ def seal_request(
     return envelope.encode(), RequestSecrets(
         header.request_id, ReplyKeys.derive(dek, header.request_id)
     )
+
+
+def _public_key(kem: str, key: bytes | suites.HPKEPublicKey) -> suites.HPKEPublicKey:
+    if isinstance(key, bytes):
+        return suites.decode_public_key(kem, key)
+    return suites.check_public_key(kem, key)
 
 
 @dataclass(frozen=True, eq=False)

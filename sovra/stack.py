@@ -28,7 +28,7 @@ from typing import Any
 import tomli_w
 import yaml
 
-from sovra import pki, stack_policy
+from sovra import demo_training, pki, stack_policy
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_TENANT = "demo"
@@ -67,6 +67,7 @@ class Stack:
     broker_address: str
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     policy: stack_policy.StackPolicy | None = None
+    training_api_key: str = ""  # the training app's key (sovra/demo_training.py)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class Stack:
             "state_dir": str(self.options.state_dir),
             "pids": {name: p.pid for name, p in self.processes.items()},
             "logs": str(self.options.state_dir / "logs"),
+            "training_api_key": self.training_api_key,
             "policy": None
             if self.policy is None
             else {
@@ -138,9 +140,11 @@ def start_stack(options: StackOptions) -> Stack:
     edge = _edge_config(
         options, state, broker_address, edge_port, key_sha256, model, policy.edge_table()
     )
+    training_key = demo_training.add_training_app(edge)
     _write_toml(state / "edge.toml", edge)
     stack = Stack(options, f"http://127.0.0.1:{edge_port}", api_key, broker_address)
     stack.policy = policy
+    stack.training_api_key = training_key
     try:
         stack.processes["broker"] = _spawn(state, "broker", ["broker", "serve"], "broker.toml")
         for enclave_id in ENCLAVE_IDS:

@@ -88,6 +88,17 @@ def decode_public_key(kem: str, data: bytes) -> HPKEPublicKey:
     raise UnknownSuite(f"unknown KEM {kem!r}; this version supports: {', '.join(KEMS)}")
 
 
+def check_public_key(kem: str, key: HPKEPublicKey) -> HPKEPublicKey:
+    """``key`` (already parsed by :func:`decode_public_key`) if it is a key of ``kem``, else
+    ValueError: a parsed key may be reused, but never under another KEM."""
+    if kem not in KEMS:
+        raise UnknownSuite(f"unknown KEM {kem!r}; this version supports: {', '.join(KEMS)}")
+    expected = hpke.MLKEM768X25519PublicKey if kem == KEM_HYBRID else x25519.X25519PublicKey
+    if not isinstance(key, expected):
+        raise ValueError(f"public key is not a {kem} key")
+    return key
+
+
 @dataclass(frozen=True, eq=False)
 class KeyPair:
     """An HPKE key pair generated in this process. ``public_bytes`` is the wire encoding."""

@@ -7,6 +7,7 @@ leaf certificate's URI SAN), which servicers use for authorization.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,23 +154,31 @@ def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> I
         return None
     pems = _auth_values(auth_context, "x509_pem_cert")
     if pems:
+        return _identity_of_pem(pems[0])
+    # Fallback: gRPC also exposes the verified URI SANs directly.
+    found = []
+    for raw in _auth_values(auth_context, "peer_uri"):
         try:
-            cert = x509.load_pem_x509_certificate(pems[0])
-        except ValueError:
-            return None
-        found = identities_from_certificate(cert)
-    else:
-        # Fallback: gRPC also exposes the verified URI SANs directly.
-        found = []
-        for raw in _auth_values(auth_context, "peer_uri"):
-            try:
-                found.append(Identity.from_uri(raw.decode()))
-            except (ValueError, UnicodeDecodeError):
-                continue
+            found.append(Identity.from_uri(raw.decode()))
+        except (ValueError, UnicodeDecodeError):
+            continue
     unique = set(found)
     if len(unique) != 1:
         return None
     return unique.pop()
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_of_pem(pem: bytes) -> Identity | None:
+    """The one Sovra identity of a verified leaf certificate (PEM), or None. Cached by the exact
+    bytes: peers present the same certificate on every call, and parsing it costs more than the
+    rest of an authorization check."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    unique = set(identities_from_certificate(cert))
+    return unique.pop() if len(unique) == 1 else None
 
 
 def _channel_options(

@@ -146,9 +146,9 @@ class JobKeys:
         ct = AESGCM(self.chunk_key).encrypt(nonce, plaintext, _chunk_aad(self.job_id, index, final))
         return cbor2.dumps([CHUNK_MAGIC, self.job_id, index, final, nonce, ct])
 
-    def open_chunk(self, chunk: bytes) -> tuple[int, bool, bytes]:
+    def open_chunk(self, chunk: bytes | ChunkHeader) -> tuple[int, bool, bytes]:
         """(index, final, plaintext); ChunkRejected if it is not this job's or was altered."""
-        header = parse_chunk(chunk)
+        header = chunk if isinstance(chunk, ChunkHeader) else parse_chunk(chunk)
         if header.job_id != self.job_id:
             raise ChunkRejected("chunk belongs to another job")
         try:

@@ -125,11 +125,11 @@ class Recorder(grpc.ServerInterceptor):
         method = handler_call_details.method
 
         def on_request(request: Any, _context: grpc.ServicerContext) -> Any:
-            self._add(Captured(method, "request", request.SerializeToString()))
+            self._add(Captured(method, "request", _wire(request)))
             return request
 
         def on_response(reply: Any, _index: int) -> Any:
-            self._add(Captured(method, "response", reply.SerializeToString()))
+            self._add(Captured(method, "response", _wire(reply)))
             return reply
 
         return _wrap_handler(handler, on_request, on_response)
@@ -168,6 +168,11 @@ class Recorder(grpc.ServerInterceptor):
 
     def count(self, method: str, direction: str = "request") -> int:
         return sum(1 for c in self.seen if c.method == method and c.direction == direction)
+
+
+def _wire(message: Any) -> bytes:
+    """A message as it went over the wire (handlers relaying raw bytes get bytes)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def flip_byte(data: bytes, index: int = -1) -> bytes:
@@ -348,6 +353,8 @@ class InProcessStack:
         return b"".join(p.read_bytes() for p in self.db_files())
 
     def request_rows(self) -> list[dict[str, Any]]:
+        # Rows are written behind the reply (cloud_broker/request_log.py): wait for them first.
+        assert self.broker.dispatcher.flush_records(timeout=10)
         with contextlib.closing(sqlite3.connect(self.db_path, timeout=10)) as conn:
             conn.row_factory = sqlite3.Row
             return [dict(r) for r in conn.execute("SELECT * FROM requests ORDER BY id")]

@@ -3,6 +3,8 @@ SQL on the SQLite file, and holds what was appended."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sovra.audit import GENESIS_HASH, AuditLog, entry_hash
+from sovra.audit import GENESIS_HASH, AuditEntry, AuditError, AuditLog, entry_hash
 
 
 def _filled(path: Path, n: int = 5) -> AuditLog:
@@ -204,3 +206,55 @@ def test_two_handles_on_one_file_keep_one_chain(tmp_path: Path) -> None:
         a.append("x", {"i": i})
         b.append("y", {"i": i})
     assert a.verify().ok and a.verify().entries == 10
+
+
+def test_async_appends_share_commits_and_keep_one_chain(tmp_path: Path) -> None:
+    """append_async (the edge's path): concurrent requests are committed together by one writer
+    thread, interleaved with plain appends, and each caller gets its own entry back."""
+    log = AuditLog(tmp_path / "audit.db")
+
+    async def main() -> list[AuditEntry]:
+        async def one(n: int) -> AuditEntry:
+            return await log.append_async("request", {"n": n})
+
+        entries = await asyncio.gather(*(one(n) for n in range(200)))
+        log.append("edge", {"event": "stop"})
+        return entries
+
+    entries = asyncio.run(main())
+    assert [e.record for e in entries] == [{"n": n} for n in range(200)]
+    assert sorted(e.seq for e in entries) == list(range(1, 201))
+    report = log.verify()
+    assert report.ok and report.entries == 201
+    assert log._db.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: fsync per commit
+
+
+def test_an_async_entry_is_written_even_if_its_waiter_gives_up(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    log = AuditLog(path)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(log.append_async("request", {"request_id": "gone"}))
+        await asyncio.sleep(0)  # submitted
+        task.cancel()  # the client went away while the record was being written
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    log.close()  # drains the writer
+    reopened = AuditLog(path)
+    assert [e.record for e in reopened.entries()] == [{"request_id": "gone"}]
+    assert reopened.verify().ok
+
+
+def test_close_drains_submitted_entries_and_refuses_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    log = AuditLog(path)
+    futures = [log.submit("request", {"i": i}) for i in range(50)]
+    log.close()
+    assert [f.result(timeout=10).seq for f in futures] == list(range(1, 51))
+    with pytest.raises(AuditError, match="closed"):
+        log.submit("request", {"i": 50})
+    with pytest.raises(ValueError, match="plain JSON"):  # checked before anything is queued
+        AuditLog(tmp_path / "other.db").submit("request", {"x": object()})
+    assert AuditLog(path).verify().entries == 50

@@ -7,6 +7,7 @@ envelopes for real, and edge/enclave clients with dev PKI certificates.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -41,7 +42,7 @@ from attestation.sim import (
     report_data,
 )
 from attestation.verifier import OfferedKey, verify_key
-from cloud_broker import cli
+from cloud_broker import cli, db
 from cloud_broker.config import BrokerConfig, ConfigError
 from cloud_broker.db import open_database
 from cloud_broker.server import RunningBroker, ServeError, serve
@@ -231,6 +232,8 @@ class BrokerRig:
             return tuple(conn.execute(sql, (enclave_id,)).fetchone())
 
     def request_rows(self) -> list[dict[str, Any]]:
+        # Rows are written behind the reply (cloud_broker/request_log.py): wait for them first.
+        assert self.broker.dispatcher.flush_records(timeout=10)
         db = self.config.database.removeprefix("sqlite:///")
         with sqlite3.connect(db) as conn:
             conn.row_factory = sqlite3.Row
@@ -269,7 +272,8 @@ def rig(make_broker: Callable[..., BrokerRig]) -> BrokerRig:
 
 class TestEnclave(enclave_pb2_grpc.EnclaveServiceServicer):
     """``mode``: ok | busy (RESOURCE_EXHAUSTED) | refuse (PERMISSION_DENIED) | hang (stream
-    sends one frame, then waits for ``release``)."""
+    sends one frame, then waits for ``release``; unary waits for ``release`` before answering).
+    ``cancelled`` is set when the broker cancels a call it made to this enclave."""
 
     __test__ = False
 
@@ -281,6 +285,7 @@ class TestEnclave(enclave_pb2_grpc.EnclaveServiceServicer):
         self.keys = {1: suites.KeyPair.generate()}
         self.mode = "ok"
         self.release = threading.Event()
+        self.cancelled = threading.Event()
         self.calls = 0
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         enclave_pb2_grpc.add_EnclaveServiceServicer_to_server(self, self.server)
@@ -342,6 +347,9 @@ class TestEnclave(enclave_pb2_grpc.EnclaveServiceServicer):
 
     def Process(self, request: enclave_pb2.SealedRequest, context: Any) -> enclave_pb2.SealedFrame:
         payload, writer = self._open(request, context)
+        if self.mode == "hang":
+            context.add_callback(lambda: None if context.is_active() else self.cancelled.set())
+            self.release.wait(RPC_TIMEOUT)
         return enclave_pb2.SealedFrame(frame=writer.frame(b"echo:" + payload, final=True))
 
     def ProcessStream(
@@ -729,6 +737,114 @@ def test_edge_cancel_stops_enclave_call_and_is_recorded(
     [row] = rig.request_rows()
     assert (row["status"], row["frames"]) == ("CANCELLED", 1)
     assert rig.broker.dispatcher.inflight.count("e1") == 0
+
+
+def test_edge_cancel_of_a_unary_dispatch_cancels_the_enclave_call(
+    rig: BrokerRig, enclaves: dict[str, TestEnclave]
+) -> None:
+    e1 = enclaves["e1"]
+    e1.admit(rig)
+    e1.mode = "hang"  # Process waits for release
+    sealed = seal([e1])
+    pending = rig.edge().Dispatch.future(sealed_request(sealed), timeout=RPC_TIMEOUT)
+    deadline = time.monotonic() + 5
+    while e1.calls == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # waiting for the broker to reach the enclave
+    assert e1.calls == 1
+    pending.cancel()
+    assert e1.cancelled.wait(5), "the broker did not cancel its call to the enclave"
+    e1.release.set()
+    deadline = time.monotonic() + 5
+    while rig.broker.dispatcher.inflight.count("e1") and time.monotonic() < deadline:
+        time.sleep(0.01)  # the broker notices the cancel on its own thread
+    [row] = rig.request_rows()
+    assert (row["request_id"], row["status"], row["frames"]) == (
+        sealed.request_id.hex(),
+        "CANCELLED",
+        0,
+    )
+    assert rig.broker.dispatcher.inflight.count("e1") == 0
+
+
+def test_unary_reply_of_more_than_one_message_is_refused(
+    rig: BrokerRig, enclaves: dict[str, TestEnclave]
+) -> None:
+    """Process is unary: the broker reads its reply as a stream (on its own thread), so it
+    insists on exactly one message, as a unary client would."""
+    e3 = enclaves["e3"]
+
+    def two_frames(
+        request: enclave_pb2.SealedRequest, context: Any
+    ) -> Iterator[enclave_pb2.SealedFrame]:
+        payload, writer = e3._open(request, context)
+        yield enclave_pb2.SealedFrame(frame=writer.frame(payload))
+        yield enclave_pb2.SealedFrame(frame=writer.frame(b"", final=True))
+
+    handler = grpc.unary_stream_rpc_method_handler(
+        two_frames,
+        request_deserializer=enclave_pb2.SealedRequest.FromString,
+        response_serializer=enclave_pb2.SealedFrame.SerializeToString,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("sovra.v1.EnclaveService", {"Process": handler}),)
+    )
+    e3.address = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', server_credentials(e3.tls))}"
+    server.start()
+    try:
+        e3.admit(rig)
+        err = rpc_error(lambda: rig.edge().Dispatch(sealed_request(seal([e3])), timeout=10))
+        assert_status(
+            err, grpc.StatusCode.INTERNAL, "enclave e3: a unary reply must be one message, got 2"
+        )
+    finally:
+        server.stop(0)
+
+
+def test_dispatch_reads_liveness_fresh_for_every_request(
+    rig: BrokerRig, enclaves: dict[str, TestEnclave]
+) -> None:
+    """No cache between the registry and dispatch: an eviction written by anyone (here another
+    broker replica's connection to the same database) and a heartbeat window that passed
+    without a sweep both apply to the very next dispatch."""
+    e1, e2 = enclaves["e1"], enclaves["e2"]
+    e1.admit(rig)
+    e2.admit(rig)
+    assert rig.edge().Dispatch(sealed_request(seal([e1, e2])), timeout=10).enclave_id == "e1"
+
+    other_replica = open_database(rig.config.database)
+    try:
+        assert db.evict(other_replica, "e1", "evicted by another replica")
+    finally:
+        other_replica.dispose()
+    reply = rig.edge().Dispatch(sealed_request(seal([e1, e2])), timeout=10)
+    assert reply.enclave_id == "e2" and e1.calls == 1  # e1 was not tried again
+    err = rpc_error(lambda: rig.edge().Dispatch(sealed_request(seal([e1])), timeout=10))
+    assert_status(err, grpc.StatusCode.NOT_FOUND, "none of the 1 candidate enclaves is admitted")
+
+    rig.clock.advance(5 * 3 + 1)  # e2 went silent: past the window, no sweep has run
+    err = rpc_error(
+        lambda: rig.edge().Dispatch(sealed_request(seal([e2], clock=rig.clock)), timeout=10)
+    )
+    assert_status(err, grpc.StatusCode.NOT_FOUND)
+    assert e2.calls == 1
+
+
+def test_requests_rows_are_written_behind_and_survive_a_clean_stop(
+    make_broker: Callable[..., BrokerRig], enclaves: dict[str, TestEnclave]
+) -> None:
+    rig = make_broker()
+    e1 = enclaves["e1"]
+    e1.admit(rig)
+    edge = rig.edge()
+    sent = [seal([e1]) for _ in range(20)]
+    for sealed in sent:
+        edge.Dispatch(sealed_request(sealed), timeout=RPC_TIMEOUT)
+    rig.broker.stop(0)  # no flush first: stop itself must write what is still queued
+    db_path = rig.config.database.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        stored = [r[0] for r in conn.execute("SELECT request_id FROM requests ORDER BY id")]
+    assert stored == [s.request_id.hex() for s in sent]
 
 
 def test_unexpected_error_is_internal_without_details(

@@ -9,7 +9,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from sovra import envelope as env
-from sovra.suites import DEFAULT_SUITE, KEM_X25519, KeyPair, UnknownSuite, suite_for_kem
+from sovra.suites import (
+    DEFAULT_SUITE,
+    KEM_X25519,
+    KeyPair,
+    UnknownSuite,
+    decode_public_key,
+    suite_for_kem,
+)
 
 
 def make_header(
@@ -211,6 +218,24 @@ def test_seal_refuses_mismatched_keys() -> None:
     with pytest.raises(ValueError, match="signing key"):
         env.seal_request(header, b"x", [(rcpt[0], kp.public_bytes)],
                          ed25519.Ed25519PrivateKey.generate())  # fmt: skip
+
+
+def test_seal_takes_keys_parsed_once_but_never_under_another_kem() -> None:
+    """The edge parses a verified key once (trusted set) and seals with the parsed key; the
+    envelope is the same to the enclave, and a parsed key of another KEM is refused."""
+    sk = ed25519.Ed25519PrivateKey.generate()
+    hybrid, classic = KeyPair.generate(), KeyPair.generate(KEM_X25519)
+    rcpt = (env.Recipient("e", 1),)
+    header = make_header(sk, rcpt)
+    parsed = decode_public_key(hybrid.kem, hybrid.public_bytes)
+    data, _ = env.seal_request(header, b"x", [(rcpt[0], parsed)], sk)
+    assert env.Envelope.decode(data).open(rcpt[0], hybrid.private_key)[0] == b"x"
+    wrong = decode_public_key(classic.kem, classic.public_bytes)
+    with pytest.raises(ValueError, match="not a MLKEM768-X25519 key"):
+        env.seal_request(header, b"x", [(rcpt[0], wrong)], sk)
+    x25519_header = make_header(sk, rcpt, suite=suite_for_kem(KEM_X25519).name)
+    with pytest.raises(ValueError, match="not a X25519 key"):
+        env.seal_request(x25519_header, b"x", [(rcpt[0], parsed)], sk)
 
 
 # --- replies ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +55,21 @@ def user(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
-def broker_rows(stack: Stack) -> dict[str, dict[str, Any]]:
+def broker_rows(stack: Stack, wait_for: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """The broker's requests rows by request id. The broker writes them just behind its replies
+    (cloud_broker/request_log.py), so wait (bounded) until the ``wait_for`` ids are there."""
     db = stack.options.state_dir.resolve() / "broker" / "broker.db"
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-        conn.row_factory = sqlite3.Row
-        return {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM requests")}
+    wanted = set(wait_for)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        ) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = {r["request_id"]: dict(r) for r in conn.execute("SELECT * FROM requests")}
+        if wanted <= rows.keys() or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)  # polling the broker process's database, not timing anything
 
 
 def log_tail(stack: Stack, name: str, lines: int = 20) -> str:
@@ -124,7 +134,7 @@ def test_enclave_killed_under_load_fails_over_then_503_when_none_left(
     # Every request got the right answer, none failed.
     wrong = [o for o in outcomes if o.status != 200 or o.content != o.expected]
     assert not wrong, f"{wrong}\n{log_tail(stack, 'broker')}"
-    rows = broker_rows(stack)
+    rows = broker_rows(stack, [o.request_id for o in outcomes])
     mine = [rows[o.request_id] for o in outcomes]
     assert all(r["status"] == "OK" for r in mine)
     # Every request sent after the kill was served by the survivor...
@@ -159,7 +169,8 @@ def test_enclave_killed_under_load_fails_over_then_503_when_none_left(
     assert error["code"] in ("enclaves_unavailable", "no_enclave_available"), error
     if error["code"] == "enclaves_unavailable":  # both still listed: both were tried
         assert "candidates failed" in error["message"]
-        row = broker_rows(stack)[resp.headers["x-request-id"]]
+        rid = resp.headers["x-request-id"]
+        row = broker_rows(stack, [rid])[rid]
         assert (row["status"], row["enclave_id"]) == ("UNAVAILABLE", None)
         assert row["attempts"] == row["candidates"] == 2
     # The edge and the broker are still up and answering.

@@ -997,6 +997,7 @@ def test_misrouted_request_is_refused_by_the_enclave_and_audited_at_the_edge(
         assert "sealed constraint 'regions' excludes this enclave's region 'eu-west-1'" in (
             info.value.details()
         )
+        assert broker.dispatcher.flush_records(timeout=10)  # rows are written behind replies
         with contextlib.closing(sqlite3.connect(tmp_path / "broker" / "broker.db")) as conn:
             (status,) = conn.execute(
                 "SELECT status FROM requests WHERE request_id = ?", (header.request_id_hex,)

@@ -224,7 +224,7 @@ def _job(tmp_path: Path, plaintexts: list[bytes]) -> tuple[Job, JobKeys, list[by
         attestation_sha256=b"\x00" * 32,
     )
     ctx = JobContext("t", "a", "p", "m", "e", 1, "meas", "sim", True, "r", "k")
-    job = Job(spec=spec, keys=keys, context=ctx, spool=Spool(tmp_path, keys.job_id.hex()))
+    job = Job(spec=spec, keys=keys, context=ctx, spool=Spool(tmp_path, keys.job_id.hex(), keys))
     chunks = [keys.seal_chunk(i, i == len(plaintexts) - 1, p) for i, p in enumerate(plaintexts)]
     return job, keys, chunks
 
@@ -235,7 +235,10 @@ def _refused(job: Job, chunk: bytes, code: grpc.StatusCode) -> None:
     assert info.value.code == code, info.value.message
 
 
-def test_enclave_accepts_each_chunk_once_in_order(tmp_path: Path) -> None:
+def test_enclave_accepts_each_chunk_once_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Spool, "MEMORY_BYTES", 100)  # the first chunk in memory, then disk
     job, keys, chunks = _job(tmp_path, [b"a,b\n", b"1,2\n", b"3,4\n"])
     other, _, foreign = _job(tmp_path, [b"x\n", b"y\n"])
     started: list[Job] = []
@@ -254,6 +257,8 @@ def test_enclave_accepts_each_chunk_once_in_order(tmp_path: Path) -> None:
     assert started == [job] and job.state == TRAINING
     assert job.accepted == Counter({0: 1, 1: 1, 2: 1})
     assert job.data().read() == b"a,b\n1,2\n3,4\n"
+    assert len(list(tmp_path.glob("job-*/*"))) == 2  # spilled to disk, still sealed
+    assert all(b"3,4" not in p.read_bytes() for p in tmp_path.glob("job-*/*"))
     assert job.refused[grpc.StatusCode.ALREADY_EXISTS.name] == 1
     _refused(job, chunks[2], grpc.StatusCode.FAILED_PRECONDITION)  # nothing after the end
     other.spool.remove()
@@ -491,7 +496,9 @@ def test_text_classifier_on_embeddings_with_a_stand_in_embedder() -> None:
     rows = [[f"{'great good fine' if i % 2 else 'bad awful poor'} {i}", i % 2] for i in range(60)]
 
     def embed(texts: list[str]) -> list[list[float]]:
-        return [[t.count("good") + t.count("great"), t.count("bad") + t.count("poor")] for t in texts]
+        return [
+            [t.count("good") + t.count("great"), t.count("bad") + t.count("poor")] for t in texts
+        ]
 
     result = algorithms.train(
         algorithm="text_embedding_classifier", task="classification", target="y", params={},
@@ -508,3 +515,13 @@ def test_attestation_digest_is_canonical() -> None:
     a = {"enclave_id": "e", "epoch": 1, "result": {"x": 1, "y": [1, 2]}}
     b = {"result": {"y": [1, 2], "x": 1}, "epoch": 1, "enclave_id": "e"}
     assert attestation_digest(a) == attestation_digest(b)
+
+
+def test_upload_requests_are_protobuf_wire_format() -> None:
+    from edge_agent.training.client import upload_request
+    from sovra.v1 import training_pb2
+
+    job = new_job_id()
+    for chunk in (b"", b"x", b"y" * 200, b"z" * 70_000):
+        expected = training_pb2.UploadRequest(job_id=job, chunk=chunk).SerializeToString()
+        assert upload_request(job, chunk) == expected

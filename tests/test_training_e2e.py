@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from openai_stub import StubServer
 from stack_fixtures import APP, REGION, TENANT, InProcessStack, inprocess_stack
 
+from cloud_broker.server import serve as serve_broker
 from edge_agent.config import EdgeConfig
 from edge_agent.server import RunningEdge
 from edge_agent.training.config import TrainingConfig
@@ -152,6 +153,19 @@ def test_train_in_the_enclave_score_through_the_edge_and_nothing_leaks(
         assert done["status"] == "succeeded" and done["fine_tuned_model"] == ft["id"]
         listed = client.get("/v1/fine_tuning/jobs").json()
         assert {j["id"] for j in listed["data"]} >= {ft["id"], model}
+
+        # a job the enclave cannot run fails with the enclave's reason (sealed back)
+        llm_job = client.post(
+            "/v1/training/jobs",
+            json={
+                "dataset": "hospital",
+                "target": "diagnosis",
+                "algorithm": "text_embedding_classifier",
+            },
+        ).json()
+        failed = _wait(client, f"/v1/training/jobs/{llm_job['id']}", ("completed", "failed"))
+        assert failed["state"] == "failed"
+        assert failed["error"]["code"] == "embeddings_unavailable"
 
         # refusals are clear HTTP errors
         missing = client.post("/v1/training/jobs", json={"dataset": "nope", "target": "y"})
@@ -505,3 +519,44 @@ def test_cli_and_receipt_verification_detect_tampering(
     pd.read_csv(hospital[0]).iloc[:-1].to_parquet(data)  # the local dataset changed
     assert cli.main(["edge", "jobs", "receipt", job["id"], "--verify", *base]) == 1
     assert "FAIL dataset" in capsys.readouterr().out
+
+
+def test_broker_restart_mid_upload_resumes_without_loss_or_duplicates(
+    tmp_path: Path, stub_server: StubServer
+) -> None:
+    with inprocess_stack(
+        tmp_path / "stack", model=MODEL, upstream_url=stub_server.base_url
+    ) as stack:
+        data = tmp_path / "hospital.csv"
+        write_hospital_csv(data)
+        config = _child_config(stack, "restart-edge")
+        stopped: list[int] = []
+
+        def on_ack(_job: str, next_chunk: int, phase: str) -> None:
+            if phase == "persisted" and next_chunk >= 5 and not stopped:
+                stopped.append(next_chunk)
+                stack.broker.stop(0)  # the broker dies under the upload stream
+
+        edge_config = EdgeConfig.from_toml(config)
+        with AuditLog(edge_config.audit_path) as audit:
+            service = for_cli(edge_config, audit=audit, on_ack=on_ack)
+            try:
+                service.register_dataset(data, "hospital", LABELS)
+                job = _new_job(service)
+                interrupted = service.advance(job["id"])
+                assert stopped and interrupted["state"] == "uploading"
+                assert interrupted["error_code"] == "retrying"
+                stack.broker = serve_broker(
+                    dataclasses.replace(stack.broker_config, listen=stack.broker.address),
+                    interceptors=[stack.recorder, stack.tamper],
+                )
+                final = service.advance(job["id"], wait=True)
+                assert final["state"] == "completed", final["error"]
+                job_hex = job["id"].removeprefix("job-")
+                accepted, _ = _enclave_stats(stack, final["enclave_id"], job_hex)
+                assert accepted == Counter(range(final["chunks"]))
+                rows = [r for r in _broker_jobs(stack) if r["job_id"] == job_hex]
+                assert rows[0]["uploads"] >= 2 and rows[0]["state"] == "closed"
+                assert service.verify(job["id"])["ok"]
+            finally:
+                service.close()

@@ -40,6 +40,26 @@ def _error(exc: grpc.RpcError) -> TrainingCallError:
     return TrainingCallError(call.code(), call.details() or "")
 
 
+def upload_request(job_id: bytes, chunk: bytes = b"") -> bytes:
+    """``UploadRequest{job_id, chunk}`` in protobuf wire format (field 1, then field 2)."""
+    out = b"\x0a" + _varint(len(job_id)) + job_id
+    if chunk:
+        out += b"\x12" + _varint(len(chunk)) + chunk
+    return out
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
 class UploadCall:
     """An open Upload stream: iterate acks; ``cancel`` ends it."""
 
@@ -90,8 +110,15 @@ class TrainingClient:
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
-    def upload(self, requests: Iterator[training_pb2.UploadRequest]) -> UploadCall:
-        return UploadCall(self._training.Upload(requests, timeout=UPLOAD_TIMEOUT_S))
+    def upload(self, requests: Iterator[bytes]) -> UploadCall:
+        """Upload serialized ``UploadRequest`` messages (:func:`upload_request`): a chunk is
+        copied once into its message, not built and then serialized."""
+        call = self._channel.stream_stream(
+            "/sovra.v1.TrainingGateway/Upload",
+            request_serializer=None,
+            response_deserializer=training_pb2.JobAck.FromString,
+        )
+        return UploadCall(call(requests, timeout=UPLOAD_TIMEOUT_S))
 
     def get_job(self, job_id: bytes) -> training_pb2.JobStatus:
         try:

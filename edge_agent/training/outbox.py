@@ -86,6 +86,9 @@ class Outbox:
             if int(entry.name[: -len(_SUFFIX)]) < next_chunk:
                 entry.unlink(missing_ok=True)
 
+    def delete(self, job_id: str, index: int) -> None:
+        self.path(job_id, index).unlink(missing_ok=True)
+
     def job_bytes(self, job_id: str) -> int:
         return sum(p.stat().st_size for p in self._dir(job_id).glob(f"*{_SUFFIX}"))
 

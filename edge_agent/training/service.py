@@ -44,7 +44,7 @@ from attestation.reference_values import ReferenceValuesFile
 from edge_agent.config import EdgeConfig
 from edge_agent.policy import policy_id_for
 from edge_agent.training import datasets as ds
-from edge_agent.training.client import TrainingCallError, TrainingClient
+from edge_agent.training.client import TrainingCallError, TrainingClient, upload_request
 from edge_agent.training.config import TrainingConfig
 from edge_agent.training.outbox import Outbox, OutboxFull
 from edge_agent.training.plan import (
@@ -176,6 +176,7 @@ class TrainingService:
         self._client: TrainingClient | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._busy: set[str] = set()  # jobs a thread of this process is advancing
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -424,12 +425,29 @@ class TrainingService:
         if job["state"] in TERMINAL_STATES:
             return public_job(job, self.outbox)
         self.store.update_job(job["id"], cancel_requested=1)
-        if self.store.claim(job["id"], LEASE_MS):
+        if self._take(job["id"]):  # else its owner cancels it within a second or so
             try:
                 self._cancel_now(self.store.job(job["id"]) or job)
             finally:
-                self.store.release(job["id"])
+                self._give_back(job["id"])
         return self.job_view(job["id"])
+
+    def _take(self, job_id: str) -> bool:
+        """The job's lease for this thread: no other process, and no other thread of ours."""
+        with self._lock:
+            if job_id in self._busy:
+                return False
+            self._busy.add(job_id)
+        if self.store.claim(job_id, LEASE_MS):
+            return True
+        with self._lock:
+            self._busy.discard(job_id)
+        return False
+
+    def _give_back(self, job_id: str) -> None:
+        self.store.release(job_id)
+        with self._lock:
+            self._busy.discard(job_id)
 
     def _cancel_now(self, job: dict[str, Any]) -> None:
         """Clean up everywhere: the enclave's job and spool, the broker's row, our outbox."""
@@ -452,7 +470,7 @@ class TrainingService:
         """Move the job as far as it can go now (``wait``: until it is finished)."""
         raw = parse_job_id(job_id).hex()
         while True:
-            if not self.store.claim(raw, LEASE_MS):
+            if not self._take(raw):
                 job = self.store.job(raw) or {}
                 if not wait or job.get("state") in TERMINAL_STATES:
                     return job
@@ -463,7 +481,7 @@ class TrainingService:
             try:
                 job = self._step(raw, progress)
             finally:
-                self.store.release(raw)
+                self._give_back(raw)
             if job["state"] in TERMINAL_STATES or not wait:
                 return job
             if progress is not None:
@@ -727,10 +745,8 @@ class TrainingService:
         started = threading.Event()
         start_at = {"index": total}
 
-        def requests() -> Iterator[Any]:
-            from sovra.v1 import training_pb2
-
-            yield training_pb2.UploadRequest(job_id=keys.job_id)
+        def requests() -> Iterator[bytes]:
+            yield upload_request(keys.job_id)
             while not started.wait(0.5):
                 if stop.is_set():
                     return
@@ -740,12 +756,12 @@ class TrainingService:
                         return
                 if stop.is_set():
                     return
-                yield training_pb2.UploadRequest(
-                    job_id=keys.job_id, chunk=self.outbox.get(job_id, index)
-                )
+                yield upload_request(keys.job_id, self.outbox.get(job_id, index))
 
         call = self.client().upload(requests())
         first = True
+        deleted = 0  # outbox chunks below this index are gone
+        checked = time.monotonic()
         try:
             for ack in call:
                 keys.check_ack(ack.next_chunk, ack.complete, ack.mac)
@@ -756,23 +772,28 @@ class TrainingService:
                             f"the enclave needs chunk {ack.next_chunk}, which this edge no "
                             "longer holds"
                         )
-                    start_at["index"] = ack.next_chunk
+                    start_at["index"] = deleted = ack.next_chunk
+                    self.outbox.delete_below(job_id, ack.next_chunk)
                     started.set()
                 else:
                     window.release()
                 if self._on_ack is not None:
                     self._on_ack(job_id, ack.next_chunk, "received")
                 self.store.update_job(job_id, acked=ack.next_chunk, error_code="", error="")
-                self.store.claim(job_id, LEASE_MS)  # renew the lease while uploading
-                self.outbox.delete_below(job_id, ack.next_chunk)
+                for index in range(deleted, ack.next_chunk):
+                    self.outbox.delete(job_id, index)
+                deleted = max(deleted, ack.next_chunk)
                 if self._on_ack is not None:
                     self._on_ack(job_id, ack.next_chunk, "persisted")
                 if progress is not None:
                     progress(public_job(self.store.job(job_id) or job, self.outbox))
                 if ack.complete:
                     break
-                if (self.store.job(job_id) or {}).get("cancel_requested"):
-                    return
+                if time.monotonic() - checked > 1.0:  # at most once a second: lease, cancel
+                    checked = time.monotonic()
+                    self.store.claim(job_id, LEASE_MS)
+                    if (self.store.job(job_id) or {}).get("cancel_requested"):
+                        return
         except TrainingCallError as exc:
             if exc.code == grpc.StatusCode.NOT_FOUND:
                 raise _Restart(f"the enclave does not know the job: {exc.details}") from None

@@ -111,7 +111,6 @@ def train(
     embedder: Embedder | None = None,
     embedding_model: str = "",
 ) -> TrainResult:
-    np, pd = _libs()
     p = effective_params(algorithm, params)
     if algorithm == "logistic_regression" and task != "classification":
         raise TrainingError(
@@ -127,6 +126,7 @@ def train(
                 "for embeddings; this enclave has none",
                 "embeddings_unavailable",
             )
+    np, pd = _libs()
     try:
         frame = pd.read_csv(data, low_memory=False)
     except Exception:

@@ -8,19 +8,19 @@ duplicate (refused, ``ALREADY_EXISTS``), above it a reordering or gap (refused,
 another job's, another position's) is refused with ``INVALID_ARGUMENT``. Refusing a chunk never
 ends the job: the edge asks for the position again and resumes.
 
-Accepted plaintext is spooled to a private temporary directory, re-encrypted under a key that
-exists only in this process, and deleted when the job closes. The running SHA-256 over the
-plaintext, in order, is the dataset digest the receipt names; it must equal the digest the edge
-sealed into the job spec.
+Accepted chunks are spooled to a private temporary directory exactly as they arrived (sealed
+under the job's chunk key, which exists only in this enclave and the edge), and deleted when the
+job closes; training reads them back through the same authenticated decryption. The running
+SHA-256 over the plaintext, in order, is the dataset digest the receipt names; it must equal the
+digest the edge sealed into the job spec.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
+import queue
 import shutil
-import struct
 import tempfile
 import threading
 import time
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enclave.processor import Refused
 from sovra.training import (
@@ -47,8 +46,6 @@ TRAINING: Final = "training"
 COMPLETED: Final = "completed"
 FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"
-
-_SPOOL_AAD: Final = b"sovra enclave spool\x00"
 
 
 @dataclass(frozen=True)
@@ -69,28 +66,72 @@ class JobContext:
 
 
 class Spool:
-    """Chunk plaintexts on disk, sealed under a key that never leaves this process."""
+    """Accepted chunks, still sealed under the job's chunk key (held in memory only): the first
+    ``MEMORY_BYTES`` in memory, the rest on disk.
 
-    def __init__(self, root: Path, job_hex: str) -> None:
+    Disk writes go through a small bounded queue to a writer thread, so an ack does not wait for
+    the disk: the spool bounds memory, it adds no durability (the job lives in enclave memory,
+    and so does the key that opens the spool). :meth:`flush` waits for every write and reports a
+    failed one.
+    """
+
+    QUEUE_CHUNKS = 4
+    MEMORY_BYTES = 128 * 1024 * 1024
+
+    def __init__(self, root: Path, job_hex: str, keys: JobKeys) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix=f"job-{job_hex[:8]}-", dir=root))
-        self._key = AESGCM.generate_key(bit_length=256)
+        self._keys = keys
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self._memory: dict[int, bytes] = {}
+        self._memory_bytes = 0
+        self._error: str | None = None
+        self._writer = threading.Thread(target=self._write_all, name="sim-spool", daemon=True)
+        self._writer.start()
 
-    def write(self, index: int, plaintext: bytes) -> None:
-        nonce = os.urandom(12)
-        aad = _SPOOL_AAD + struct.pack(">Q", index)
-        path = self._dir / f"{index:010d}"
-        path.write_bytes(nonce + AESGCM(self._key).encrypt(nonce, plaintext, aad))
+    def _write_all(self) -> None:
+        while (item := self._queue.get()) is not None:
+            index, data = item
+            try:
+                if self._error is None:
+                    (self._dir / f"{index:010d}").write_bytes(data)
+            except OSError as exc:
+                self._error = f"spool write failed ({exc.strerror or type(exc).__name__})"
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def write(self, index: int, sealed_chunk: bytes) -> None:
+        if self._memory_bytes + len(sealed_chunk) <= self.MEMORY_BYTES:
+            self._memory[index] = sealed_chunk
+            self._memory_bytes += len(sealed_chunk)
+            return
+        self._queue.put((index, sealed_chunk))
+
+    def flush(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise OSError(self._error)
 
     def read(self, index: int) -> bytes:
-        data = (self._dir / f"{index:010d}").read_bytes()
-        aad = _SPOOL_AAD + struct.pack(">Q", index)
-        return AESGCM(self._key).decrypt(data[:12], data[12:], aad)
+        sealed = self._memory.get(index)
+        if sealed is None:
+            sealed = (self._dir / f"{index:010d}").read_bytes()
+        found, _final, plaintext = self._keys.open_chunk(sealed)
+        if found != index:
+            raise ChunkRejected(f"spooled chunk {index} holds chunk {found}")
+        return plaintext
 
     def stream(self, count: int) -> io.BufferedReader:
         """The spooled plaintext of chunks 0..count-1 as one readable byte stream."""
+        self.flush()
         return io.BufferedReader(_SpoolReader(self, count), buffer_size=1 << 20)
 
     def remove(self) -> None:
+        if self._writer.is_alive():
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+        self._memory.clear()
+        self._memory_bytes = 0
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -163,7 +204,7 @@ class Job:
         if routing.job_id != self.job_id:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "chunk belongs to another job")
         try:
-            index, final, plaintext = self.keys.open_chunk(chunk)
+            index, final, plaintext = self.keys.open_chunk(routing)
         except ChunkRejected as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if index < self.next_chunk:
@@ -184,7 +225,7 @@ class Job:
             )
         if self.received_bytes + len(plaintext) > self.spec.total_bytes:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "more data than the job spec declares")
-        self.spool.write(index, plaintext)
+        self.spool.write(index, chunk)
         self._digest.update(plaintext)
         self.received_bytes += len(plaintext)
         self.accepted[index] += 1

@@ -69,6 +69,8 @@ log = sim_log(__name__)
 MAX_JOBS: Final = 16
 MAX_CONCURRENT_TRAINING: Final = 2
 MAX_HISTORY: Final = 256
+#: Training is in memory (scikit-learn): larger datasets are refused after upload, clearly.
+MAX_TRAIN_BYTES = 2 * 1024**3
 SERVICE_NAME: Final = training_pb2.DESCRIPTOR.services_by_name["EnclaveTraining"].full_name
 
 _SERVICES: weakref.WeakKeyDictionary[RequestProcessor, TrainingServicer] = (
@@ -148,7 +150,7 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
             spec=spec,
             keys=keys,
             context=ctx,
-            spool=Spool(self._spool_root, spec.job_id.hex()),
+            spool=Spool(self._spool_root, spec.job_id.hex(), keys),
             opened_ms=int(time.time() * 1000),
         )
         job = self.jobs.add(fresh)
@@ -169,14 +171,21 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
         self, request_iterator: Iterator[training_pb2.UploadRequest], context: grpc.ServicerContext
     ) -> Iterator[training_pb2.JobAck]:
         _authorize(context)
+        complete: list[Job] = []
         try:
             for request in request_iterator:
                 job = self.jobs.get(request.job_id)
-                if request.chunk:
-                    job.accept(request.chunk, self._start_training)
+                chunk = request.chunk  # each access copies the bytes: once
+                if chunk:
+                    job.accept(chunk, complete.append)
                 yield self._ack(job)
+                while complete:  # after the final ack is on its way
+                    self._start_training(complete.pop())
         except Refused as exc:
             _refuse(context, exc)
+        finally:
+            for job in complete:  # the stream ended right after the final chunk
+                self._start_training(job)
 
     def GetJob(
         self, request: training_pb2.JobRef, context: grpc.ServicerContext
@@ -303,21 +312,30 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
                 frames = self._run(job)
                 state = COMPLETED
             except algorithms.TrainingError as exc:
-                frames, state = [error_frame(exc.code, exc.message)], FAILED
+                frames, state = None, FAILED
+                failure = (exc.code, exc.message)
             except Exception as exc:
                 log.error("training job %s failed (%s)", job.job_id.hex(), type(exc).__name__)
-                frames = [error_frame("internal_error", "training failed (internal error)")]
-                state = FAILED
+                frames, state = None, FAILED
+                failure = ("internal_error", "training failed (internal error)")
         with job.lock:
             job.ended_ms = int(time.time() * 1000)
             if job.state == TRAINING:
                 job.state = state
                 job.result_frames = frames
+                if frames is None:
+                    job.failure = failure  # sealed into an error frame when fetched
         job.spool.remove()
         log.info("training job %s %s", job.job_id.hex(), job.state)
 
     def _run(self, job: Job) -> list[bytes]:
         spec, ctx = job.spec, job.context
+        if job.received_bytes > MAX_TRAIN_BYTES:
+            raise algorithms.TrainingError(
+                f"the dataset ({job.received_bytes} bytes) is larger than this enclave trains in "
+                f"memory ({MAX_TRAIN_BYTES} bytes)",
+                "dataset_too_large",
+            )
         embedder = self._embedder() if spec.algorithm == "text_embedding_classifier" else None
         with job.data() as data:
             result = algorithms.train(
