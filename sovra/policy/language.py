@@ -2,10 +2,10 @@
 
 A policy is a directory of ``*.yaml`` (or ``*.yml``) files, loaded recursively in sorted order of
 their relative paths.  Each file is one YAML mapping holding any of the top-level sections
-``classes``, ``detectors``, ``applications``, ``purposes``, ``destinations``, ``rules`` and
-``tests``; list sections are concatenated in file order, mapping sections are merged (a name may
-be defined only once), ``classes`` may be defined in one file only.  ``docs/policy.md`` is the
-reference.
+``classes``, ``detectors``, ``applications``, ``purposes``, ``destinations``, ``rules``,
+``tests`` and ``training_columns``; list sections are concatenated in file order, mapping sections
+are merged (a name may be defined only once), ``classes`` may be defined in one file only.
+``docs/policy.md`` is the reference.
 
 Every problem found is reported as a :class:`PolicyProblem` naming the file, the 1-based line
 and the path inside the document (``rules[2].match.max_class``); :class:`PolicyInvalid` carries
