@@ -27,7 +27,7 @@ from attestation.reference_values import (
     firmware_at_least,
     is_revoked_certificate,
 )
-from attestation.sim import SimClaims, SimEvidence, report_data
+from attestation.sim import RECEIPT_KEY_LEN, SimClaims, SimEvidence, report_data
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +134,23 @@ class MeasurementAccepted:
 
 @dataclass(frozen=True)
 class KeyBound:
-    """The evidence binds exactly this public key and epoch (report data = H(pk||epoch||nonce))."""
+    """The evidence binds exactly this public key, epoch and receipt key
+    (report data = H(pk || epoch || nonce || receipt key), :func:`attestation.sim.report_data`)."""
 
     public_key: bytes
     epoch: int
     kem: str
+    receipt_public_key: bytes = b""
 
     def verify(self, claims: SimClaims) -> Result:
         if claims.epoch != self.epoch or claims.kem != self.kem:
             return Failure("evidence binds another key epoch or KEM than the one offered")
-        if report_data(self.public_key, self.epoch, claims.nonce) != claims.report_data:
+        if len(self.receipt_public_key) != RECEIPT_KEY_LEN:
+            return Failure("no receipt public key was offered with the key (it is mandatory)")
+        if claims.receipt_key != self.receipt_public_key:
+            return Failure("evidence binds another receipt key than the one offered")
+        bound = report_data(self.public_key, self.epoch, claims.nonce, self.receipt_public_key)
+        if bound != claims.report_data:
             return Failure("evidence report data does not bind the offered public key")
         return Success()
 

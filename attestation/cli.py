@@ -2,6 +2,7 @@
 
     sovra attest verify --format cca|sim --evidence FILE [--trust-anchor FILE]
                         [--reference-values FILE] [--json]
+    sovra attest verify-receipt --receipt FILE --reference-values FILE [--json]
 
 * ``cca``: an Arm CCA token (CBOR). Trust anchor: the platform key(s) as PEM public key or
   certificate, JWK, JWK Set or Veraison trust-anchor list.
@@ -14,8 +15,13 @@ Without reference values only the signatures (and, for sim, the certificate chai
 and the claims printed; with them the claims are appraised too. Simulated evidence cannot be
 bound to an HPKE key here (no key is offered), so the key binding is not checked by this command.
 
-Exit status: 0 the evidence verifies (and appraises, with reference values); 1 it does not, with
-the reason; 2 usage error or unreadable/unparsable input file.
+``verify-receipt`` checks a training receipt bundle (``sovra edge jobs receipt ID --export``):
+the evidence in it verifies and appraises against the reference values (as of the time the edge
+verified it), binds the receipt key, the receipt is signed by exactly that key and names that
+evidence's attestation record, enclave and identity (:mod:`attestation.receipts`).
+
+Exit status: 0 the evidence (or receipt) verifies (and appraises, with reference values); 1 it
+does not, with the reason; 2 usage error or unreadable/unparsable input file.
 """
 
 from __future__ import annotations
@@ -82,6 +88,20 @@ def register(subparsers: Any) -> None:
     verify.add_argument("--reference-values", type=Path, metavar="FILE")
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(func=run_verify)
+    receipt = attest_sub.add_parser(
+        "verify-receipt",
+        help="verify an exported training receipt: evidence -> receipt key -> signature",
+    )
+    receipt.add_argument(
+        "--receipt",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="receipt bundle (JSON) from `sovra edge jobs receipt ID --export FILE`",
+    )
+    receipt.add_argument("--reference-values", required=True, type=Path, metavar="FILE")
+    receipt.add_argument("--json", action="store_true", help="print one JSON object")
+    receipt.set_defaults(func=run_verify_receipt)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -103,6 +123,60 @@ def run_verify(args: argparse.Namespace) -> int:
         return _fail(args, out, EXIT_REFUSED, type(exc).__name__, str(exc))
     _emit(args, out)
     return EXIT_OK
+
+
+def run_verify_receipt(args: argparse.Namespace) -> int:
+    from attestation import receipts  # imports the training wire contract; only needed here
+
+    out: dict[str, Any] = {"format": "training-receipt", "verified": False}
+    try:
+        try:
+            bundle = json.loads(_read(args.receipt, "receipt bundle"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _UsageError(f"receipt bundle {args.receipt} is not JSON") from None
+        if not isinstance(bundle, dict) or bundle.get("type") != receipts.BUNDLE_TYPE:
+            raise _UsageError(
+                f"receipt bundle {args.receipt} is not a {receipts.BUNDLE_TYPE} document"
+            )
+        rv = ReferenceValues.load(args.reference_values)
+        out["reference_values"] = rv.source
+        verified = receipts.verify_bundle(bundle, rv)
+    except ReferenceValuesInvalid as exc:
+        return _fail(args, out, EXIT_USAGE, "ReferenceValuesInvalid", str(exc))
+    except _UsageError as exc:
+        return _fail(args, out, EXIT_USAGE, "UsageError", str(exc))
+    except receipts.BundleRefused as exc:
+        out["failed_check"] = exc.check
+        return _fail(args, out, EXIT_REFUSED, f"ReceiptRefused[{exc.check}]", exc.reason)
+    r = verified.result
+    out.update(
+        verified=True,
+        appraised=True,
+        status=r.status,
+        simulated=r.simulated,
+        checks=list(verified.checks),
+        receipt=verified.receipt,
+        attestation=r.to_json_dict(),
+    )
+    if r.simulated:
+        out["label"] = SIM_BANNER
+    _emit_receipt(args, out)
+    return EXIT_OK
+
+
+def _emit_receipt(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return
+    if out.get("simulated"):
+        print(f"*** {SIM_BANNER} ***")
+    receipt, att = out["receipt"], out["attestation"]
+    print(f"receipt: job {receipt['job']}, tenant {receipt['tenant']}, app {receipt['app']}")
+    print(f"  dataset sha256 {receipt['dataset']['sha256']}, {receipt['algorithm']}")
+    print(f"  enclave {att['enclave_id']} epoch {att['epoch']}, measurement {att['measurement']}")
+    for check in out["checks"]:
+        print(f"ok   {check['check']:12} {check['detail']}")
+    print(f"result: RECEIPT VERIFIED against {out['reference_values']}")
 
 
 # --------------------------------------------------------------------------- cca

@@ -6,8 +6,9 @@ evidence with keys whose certificates chain to a simulated vendor root CA. Every
 ``simulated: true``; verifiers accept it only where reference values allow simulation.
 
 The evidence is a composite, the way CPU + GPU confidential computing attests a VM and its
-accelerators together: one CVM report (binds the enclave's HPKE key through ``report_data``) and
-one device report per NPU (firmware version and measurement). Each NPU report's nonce is derived
+accelerators together: one CVM report (binds the enclave's HPKE key and its Ed25519 receipt key
+through ``report_data``, and names the receipt key as a claim) and one device report per NPU
+(firmware version and measurement). Each NPU report's nonce is derived
 from the CVM report data, so a genuine NPU report of another CVM cannot be mixed in::
 
     npu_nonce(i) = SHA-256("sovra-sim-npu" 0x00 || cvm report_data || be32(i))
@@ -48,6 +49,7 @@ from attestation.errors import (
     CompositeBindingMismatch,
     EvidenceMalformed,
     EvidenceSignatureInvalid,
+    KeyBindingMismatch,
     UntrustedChain,
 )
 
@@ -63,22 +65,39 @@ SIM_PLATFORM_LABEL: Final = "SIMULATED Ascend CVM+NPU (software, no hardware pro
 SIM_NPU_LABEL: Final = "SIMULATED Ascend NPU (software, no hardware protection)"
 DEFAULT_NPU_FIRMWARE: Final = "7.1.0"
 MAX_NPUS: Final = 16
+#: Length of the Ed25519 receipt public key every key binding includes.
+RECEIPT_KEY_LEN: Final = 32
 _CVM_CONTEXT: Final = SIM_FORMAT.encode() + b" cvm\x00"
 _NPU_CONTEXT: Final = SIM_FORMAT.encode() + b" npu\x00"
 _NPU_NONCE_DOMAIN: Final = b"sovra-sim-npu\x00"
 _NPU_FIRMWARE_DOMAIN: Final = b"sovra-sim-npu-firmware\x00"
 _CLAIM_KEYS: Final = frozenset(
     {"simulated", "platform", "tee_type", "enclave_id", "region", "measurement", "report_data",
-     "nonce", "epoch", "kem", "key_not_after_ms", "issued_at_ms", "npus"}
+     "nonce", "epoch", "kem", "key_not_after_ms", "issued_at_ms", "npus", "receipt_key"}
 )  # fmt: skip
 _NPU_CLAIM_KEYS: Final = frozenset(
     {"simulated", "platform", "device_type", "index", "firmware_version", "measurement", "nonce"}
 )
 
 
-def report_data(public_key: bytes, epoch: int, nonce: bytes) -> bytes:
-    """The value evidence binds: SHA-512(public key || epoch as u64 big-endian || nonce)."""
-    return hashlib.sha512(public_key + struct.pack(">Q", epoch) + nonce).digest()
+def report_data(public_key: bytes, epoch: int, nonce: bytes, receipt_public_key: bytes) -> bytes:
+    """The value evidence binds, for every format (sim ``report_data``, CCA realm challenge,
+    configfs-tsm inblob)::
+
+        SHA-512(HPKE public key || be64(epoch) || nonce || Ed25519 receipt public key (32 bytes))
+
+    The receipt key is fixed-length and last, so the split of the hashed bytes stays unambiguous
+    for a given KEM. Raises ValueError for a receipt key that is not 32 bytes: there is no key
+    binding without one.
+    """
+    if len(receipt_public_key) != RECEIPT_KEY_LEN:
+        raise ValueError(
+            f"a key binding needs the {RECEIPT_KEY_LEN}-byte Ed25519 receipt public key, "
+            f"got {len(receipt_public_key)} bytes"
+        )
+    return hashlib.sha512(
+        public_key + struct.pack(">Q", epoch) + nonce + receipt_public_key
+    ).digest()
 
 
 def npu_nonce(cvm_report_data: bytes, index: int) -> bytes:
@@ -93,7 +112,7 @@ def npu_measurement(firmware_version: str) -> str:
 
 @dataclass(frozen=True)
 class SimClaims:
-    """The CVM report: who the enclave is and which key it binds."""
+    """The CVM report: who the enclave is and which keys it binds (HPKE and receipt key)."""
 
     enclave_id: str
     region: str
@@ -104,6 +123,7 @@ class SimClaims:
     kem: str
     key_not_after_ms: int
     issued_at_ms: int
+    receipt_key: bytes  # the epoch's Ed25519 receipt public key (32 bytes), also in report_data
     tee_type: str = SIM_TEE_TYPE
     simulated: bool = True
     npus: int = 1  # NPU reports that must accompany this CVM report
@@ -124,6 +144,7 @@ class SimClaims:
                 "key_not_after_ms": self.key_not_after_ms,
                 "issued_at_ms": self.issued_at_ms,
                 "npus": self.npus,
+                "receipt_key": self.receipt_key,
             },
             canonical=True,
         )
@@ -131,6 +152,11 @@ class SimClaims:
     @classmethod
     def decode(cls, data: bytes) -> SimClaims:
         m = _cbor(data, "CVM claims")
+        if isinstance(m, dict) and set(m) == _CLAIM_KEYS - {"receipt_key"}:
+            raise KeyBindingMismatch(
+                "evidence binds no receipt key: every key binding must include the enclave's "
+                "Ed25519 receipt public key (the enclave predates receipt-key binding)"
+            )
         if not isinstance(m, dict) or set(m) != _CLAIM_KEYS:
             raise EvidenceMalformed("sim CVM claims are not the expected map")
         if m["simulated"] is not True:
@@ -148,9 +174,12 @@ class SimClaims:
                 issued_at_ms=_typed(m["issued_at_ms"], int),
                 tee_type=_typed(m["tee_type"], str),
                 npus=_typed(m["npus"], int),
+                receipt_key=_typed(m["receipt_key"], bytes),
             )
         except TypeError as exc:
             raise EvidenceMalformed(f"sim CVM claim has the wrong type: {exc}") from None
+        if len(claims.receipt_key) != RECEIPT_KEY_LEN:
+            raise EvidenceMalformed(f"sim CVM claim receipt_key must be {RECEIPT_KEY_LEN} bytes")
         if claims.encode() != data:
             raise EvidenceMalformed("sim CVM claims are not canonical CBOR")
         if not 0 <= claims.npus <= MAX_NPUS:

@@ -6,14 +6,19 @@ values. Returns an :class:`AttestationResult` or raises a typed :mod:`attestatio
 * ``sovra-sim-tee/2`` (SIMULATED composite CVM + NPU evidence, :mod:`attestation.sim`);
 * ``arm-cca-token`` (an Arm CCA attestation token, as configfs-tsm's ``arm_cca_guest`` provider
   returns it; :mod:`attestation.cca_appraisal`), whose realm challenge must equal the key
-  binding ``SHA-512(pk || be64(epoch) || nonce)``;
+  binding ``SHA-512(pk || be64(epoch) || nonce || receipt pk)``;
 * ``sovra-sim-tee/1`` is refused as retired (it carries no NPU reports).
+
+Every key binding includes the key epoch's Ed25519 *receipt* public key (training receipts are
+signed with it, ``docs/training.md``). It is mandatory: an offer without one, or evidence that
+binds another one or none, is refused (:class:`KeyBindingMismatch`). The verified receipt key is
+part of the :class:`AttestationResult` (hex).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from attestation import appraisal, sim
@@ -45,6 +50,9 @@ class OfferedKey:
     # The challenge the evidence binds. Needed for formats whose evidence carries only the
     # report data (CCA tokens); sim evidence carries its nonce inside and ignores an empty one.
     nonce: bytes = b""
+    # The key epoch's Ed25519 receipt public key (32 bytes), bound into the report data with the
+    # HPKE key. Mandatory: the default (empty) never verifies (KeyBindingMismatch).
+    receipt_public_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,9 @@ class AttestationResult:
     expires_at_ms: int  # the earlier of key expiry and evidence age limit
     verifier: str = "sovra-attestation/0.1"
     npus: tuple[NpuResult, ...] = ()  # appraised NPU reports; empty: no NPU evidence
+    # hex Ed25519 receipt public key the evidence binds (training receipts); "" only for results
+    # not produced by verify_key (e.g. a bare CCA appraisal)
+    receipt_public_key: str = ""
 
     def to_json_dict(self) -> dict[str, object]:
         return {
@@ -92,6 +103,7 @@ class AttestationResult:
             "expires_at_ms": self.expires_at_ms,
             "verifier": self.verifier,
             "npus": [n.to_json_dict() for n in self.npus],
+            "receipt_public_key": self.receipt_public_key,
         }
 
 
@@ -106,6 +118,13 @@ def verify_key(
     cannot challenge through the broker, relies on the evidence age instead."""
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     fmt = offered.evidence_format
+    if fmt in (sim.SIM_FORMAT, CCA_TOKEN_FORMAT) and (
+        len(offered.receipt_public_key) != sim.RECEIPT_KEY_LEN
+    ):
+        raise KeyBindingMismatch(
+            "no receipt public key (32 bytes) was offered with the key: every key binding must "
+            "include the enclave's Ed25519 receipt key"
+        )
     if fmt == sim.SIM_FORMAT:
         return _verify_sim(offered, rv, expected_nonce, now)
     if fmt == CCA_TOKEN_FORMAT:
@@ -137,7 +156,9 @@ def _verify_sim(
         raise KeyBindingMismatch("evidence binds another nonce than the one offered with it")
     if claims.key_not_after_ms != offered.not_after_ms:
         raise KeyBindingMismatch("evidence binds another key expiry than the one offered")
-    bound = appraisal.KeyBound(offered.public_key, offered.epoch, offered.kem).verify(claims)
+    bound = appraisal.KeyBound(
+        offered.public_key, offered.epoch, offered.kem, offered.receipt_public_key
+    ).verify(claims)
     if isinstance(bound, appraisal.Failure):
         raise KeyBindingMismatch(bound.reason)
     fresh = appraisal.Fresh(now, rv.max_evidence_age_s).verify(claims)
@@ -165,6 +186,7 @@ def _verify_sim(
             NpuResult(n.index, n.firmware_version, n.measurement, rv.min_npu_firmware)
             for n in evidence.npus
         ),
+        receipt_public_key=claims.receipt_key.hex(),
     )
 
 
@@ -189,13 +211,14 @@ def _verify_cca(
         )
     if offered.not_after_ms <= now:
         raise EvidenceStale("the offered key has expired")
-    binding = sim.report_data(offered.public_key, offered.epoch, nonce)
+    binding = sim.report_data(offered.public_key, offered.epoch, nonce, offered.receipt_public_key)
     _token, judged = verify_and_appraise_cca(
         offered.evidence, rv, expected_challenge=binding, now_ms=now
     )
-    return judged.to_attestation_result(
+    result = judged.to_attestation_result(
         enclave_id=offered.enclave_id,
         epoch=offered.epoch,
         region="",
         expires_at_ms=min(offered.not_after_ms, now + rv.max_evidence_age_s * 1000),
     )
+    return replace(result, receipt_public_key=offered.receipt_public_key.hex())

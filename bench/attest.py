@@ -82,18 +82,19 @@ def _sim_case() -> Callable[[], object]:
         days=1,
     )
     now_ms = int(time.time() * 1000)
-    public_key, nonce = os.urandom(32), os.urandom(32)
+    public_key, nonce, receipt_key = os.urandom(32), os.urandom(32), os.urandom(32)
     claims = sim.SimClaims(
         enclave_id="bench-1",
         region="eu-west",
         measurement=MEASUREMENT,
-        report_data=sim.report_data(public_key, 1, nonce),
+        report_data=sim.report_data(public_key, 1, nonce, receipt_key),
         nonce=nonce,
         epoch=1,
         kem="X25519",
         key_not_after_ms=now_ms + 3_600_000,
         issued_at_ms=now_ms,
         npus=NPUS,
+        receipt_key=receipt_key,
     )
     offered = OfferedKey(
         enclave_id="bench-1",
@@ -103,6 +104,7 @@ def _sim_case() -> Callable[[], object]:
         not_after_ms=claims.key_not_after_ms,
         evidence_format=sim.SIM_FORMAT,
         evidence=sim.encode_evidence(claims, device_key, [device]),
+        receipt_public_key=receipt_key,
     )
     rv = ReferenceValues(
         allow_simulation=True,

@@ -73,6 +73,10 @@ class EnclaveKeyRow(SQLModel, table=True):
     # Added later (see _migrate): the broker's EAR for this key, and the challenge it was bound to.
     ear: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
     nonce: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    # Added later: the key epoch's Ed25519 receipt public key, which the evidence binds (public).
+    receipt_public_key: bytes | None = Field(
+        default=None, sa_column=Column(LargeBinary, nullable=True)
+    )
 
 
 class RequestRow(SQLModel, table=True):
@@ -110,6 +114,7 @@ class KeyRecord:
     attested_until_ms: int
     ear: str = ""
     nonce: bytes = b""
+    receipt_public_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def _migrate(engine: Engine) -> None:
     table = EnclaveKeyRow.__table__  # type: ignore[attr-defined]
     present = {c["name"] for c in inspect(engine).get_columns(table.name)}
     with engine.begin() as conn:
-        for name in ("ear", "nonce"):
+        for name in ("ear", "nonce", "receipt_public_key"):
             if name in present:
                 continue
             column = table.c[name]
@@ -266,6 +271,7 @@ def _key_rows(enclave_id: str, keys: Iterable[KeyRecord]) -> list[EnclaveKeyRow]
             attested_until_ms=k.attested_until_ms,
             ear=k.ear,
             nonce=k.nonce or None,
+            receipt_public_key=k.receipt_public_key or None,
         )
         for k in keys
     ]

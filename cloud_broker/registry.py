@@ -312,6 +312,7 @@ class Registry:
                 attested_until_ms=r.expires_at_ms,
                 ear=self._issue_ear(r, rv),
                 nonce=nonce,
+                receipt_public_key=k.receipt_public_key,
             )
             for k, r in zip(keys, results, strict=True)
         ]
@@ -387,6 +388,7 @@ def _stored_offer(enclave_id: str, key: db.EnclaveKeyRow) -> OfferedKey:
         evidence_format=key.evidence_format,
         evidence=key.evidence,
         nonce=key.nonce or b"",
+        receipt_public_key=key.receipt_public_key or b"",
     )
 
 

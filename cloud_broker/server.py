@@ -123,6 +123,7 @@ def _offered(enclave_id: str, key: broker_pb2.EnclaveKey) -> OfferedKey:
         evidence_format=key.evidence_format,
         evidence=key.evidence,
         nonce=key.nonce,
+        receipt_public_key=key.receipt_public_key,
     )
 
 
@@ -263,6 +264,7 @@ def _descriptor(entry: db.EnclaveEntry) -> broker_pb2.EnclaveDescriptor:
                 evidence=k.evidence,
                 ear=k.ear,
                 nonce=k.nonce or b"",
+                receipt_public_key=k.receipt_public_key or b"",
             )
             for k in entry.keys
         ],

@@ -11,11 +11,13 @@ Rules (every change here must keep them):
    ``tee_type``, ``simulated``, ``broker_status``). Only ``models`` is taken from the directory:
    it is a routing hint; a lie sends a request to a verified enclave that refuses it, never to an
    unverified key.
-3. The evidence names the enclave and binds the key and epoch, so a key the broker moved to
-   another enclave, or an epoch it relabelled, is refused (:class:`KeyNotBound`).
-4. Verification results are cached per (enclave id, epoch, SHA-256 of the public key) and reused
-   only for the same key bytes. Refusals are cached per (that, SHA-256 of the evidence), so new
-   evidence is judged anew while the same bad offer is judged, logged and audited once.
+3. The evidence names the enclave and binds the key, the epoch and the epoch's receipt key, so a
+   key the broker moved to another enclave, an epoch it relabelled, or a receipt key it swapped
+   is refused (:class:`KeyNotBound`).
+4. Verification results are cached per (enclave id, epoch, SHA-256 of the public key, SHA-256 of
+   the receipt public key) and reused only for the same key bytes. Refusals are cached per (that,
+   SHA-256 of the evidence), so new evidence is judged anew while the same bad offer is judged,
+   logged and audited once.
 5. An entry is usable only before its expiry (the earlier of key expiry and evidence age limit),
    checked at every use against the injected clock. Expired entries are never candidates.
 6. :meth:`candidates` returns at most k distinct enclaves, the newest usable epoch of each,
@@ -139,6 +141,9 @@ class TrustedKey:
     key_sha256: str
     models: frozenset[str]
     broker_ear: str = EAR_UNVERIFIED  # the broker's EAR status for this key (rule 10)
+    # The offer exactly as verified (evidence included): training records it so a receipt can be
+    # exported with the evidence that binds its signing key (docs/training.md).
+    offer: OfferedKey | None = field(default=None, repr=False, compare=False)
     # ``public_key`` parsed once at admission (sealing reuses it instead of parsing per request)
     hpke_key: suites.HPKEPublicKey | None = field(default=None, repr=False, compare=False)
 
@@ -160,6 +165,11 @@ class TrustedKey:
         return self.result.expires_at_ms
 
     @property
+    def receipt_public_key(self) -> str:
+        """Hex Ed25519 receipt public key the verified evidence binds (from the result)."""
+        return self.result.receipt_public_key
+
+    @property
     def recipient(self) -> Recipient:
         return Recipient(self.result.enclave_id, self.result.epoch)
 
@@ -174,8 +184,8 @@ class TrustedKey:
         return constraints.allow_simulated or not r.simulated
 
 
-_CacheKey = tuple[str, int, str]  # enclave id, epoch, sha256(public key)
-_RefusalKey = tuple[str, int, str, str]  # ... plus sha256(evidence)
+_CacheKey = tuple[str, int, str, str]  # enclave id, epoch, sha256(public key), sha256(receipt)
+_RefusalKey = tuple[str, int, str, str, str]  # ... plus sha256(evidence)
 
 
 class TrustedEnclaveSet:
@@ -228,7 +238,10 @@ class TrustedEnclaveSet:
                 if outcome not in self._listed_refusals:
                     self._listed_refusals.append(outcome)
                 continue
-            self._listed.add(_cache_key(outcome.enclave_id, outcome.epoch, outcome.public_key))
+            receipt_key = outcome.offer.receipt_public_key if outcome.offer else b""
+            self._listed.add(
+                _cache_key(outcome.enclave_id, outcome.epoch, outcome.public_key, receipt_key)
+            )
             admitted.append(outcome)
         return admitted
 
@@ -255,7 +268,7 @@ class TrustedEnclaveSet:
     def _judge(
         self, enclave_id: str, offered: broker_pb2.EnclaveKey, models: frozenset[str]
     ) -> TrustedKey | Refused:
-        key = _cache_key(enclave_id, offered.epoch, offered.public_key)
+        key = _cache_key(enclave_id, offered.epoch, offered.public_key, offered.receipt_public_key)
         now = self._clock()
         cached = self._verified.get(key)
         if cached is not None and cached.expires_at_ms > now:
@@ -328,6 +341,7 @@ class TrustedEnclaveSet:
             evidence_format=offered.evidence_format,
             evidence=offered.evidence,
             nonce=offered.nonce,
+            receipt_public_key=offered.receipt_public_key,
         )
         try:
             result = verify_key(candidate, self.reference_values, now_ms=now)
@@ -341,6 +355,8 @@ class TrustedEnclaveSet:
             ) from None
         if (result.enclave_id, result.epoch) != (enclave_id, epoch):
             raise KeyNotBound(enclave_id, epoch, "verified identity differs from the offer")
+        if result.receipt_public_key != offered.receipt_public_key.hex():
+            raise KeyNotBound(enclave_id, epoch, "verified receipt key differs from the offer")
         return TrustedKey(
             result=result,
             kem=offered.kem,
@@ -348,6 +364,7 @@ class TrustedEnclaveSet:
             key_sha256=hashlib.sha256(offered.public_key).hexdigest(),
             models=models,
             hpke_key=hpke_key,
+            offer=candidate,
         )
 
     # -- queries ------------------------------------------------------------------------------
@@ -471,6 +488,7 @@ class TrustedEnclaveSet:
                 "measurement": r.measurement,
                 "expires_at_ms": r.expires_at_ms,
                 "key_sha256": key.key_sha256,
+                "receipt_public_key": r.receipt_public_key,
                 "edge_verdict": r.status,
                 "npus": [n.to_json_dict() for n in r.npus],
                 **_ear_fields(key.broker_ear, ear_detail),
@@ -498,5 +516,10 @@ def _ear_fields(status: str, detail: str) -> dict[str, str]:
     return fields
 
 
-def _cache_key(enclave_id: str, epoch: int, public_key: bytes) -> _CacheKey:
-    return (enclave_id, epoch, hashlib.sha256(public_key).hexdigest())
+def _cache_key(enclave_id: str, epoch: int, public_key: bytes, receipt_key: bytes) -> _CacheKey:
+    return (
+        enclave_id,
+        epoch,
+        hashlib.sha256(public_key).hexdigest(),
+        hashlib.sha256(receipt_key).hexdigest(),
+    )

@@ -1,8 +1,11 @@
-"""The enclave's HPKE keys: generated inside the TEE, held in memory only, rotated by epoch.
+"""The enclave's keys: generated inside the TEE, held in memory only, rotated by epoch.
 
-A key is never written, exported or logged. Epochs count up from 1; a key serves new requests
-until the next rotation and stays able to open requests for ``overlap_s`` more, so edges that
-sealed just before a rotation are not refused. After ``not_after_ms`` the key is dropped.
+Each epoch has an HPKE key pair (requests are sealed to it) and an Ed25519 *receipt* key
+(training receipts are signed with it, docs/training.md). Attestation evidence binds both public
+halves (:func:`attestation.sim.report_data`), so a receipt verifies against evidence alone.
+A private key is never written, exported or logged. Epochs count up from 1; a key serves new
+requests until the next rotation and stays able to open requests for ``overlap_s`` more, so edges
+that sealed just before a rotation are not refused. After ``not_after_ms`` the key is dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from sovra.suites import KeyPair
 
 Clock = Callable[[], float]  # seconds since the epoch, like time.time
@@ -18,12 +23,16 @@ Clock = Callable[[], float]  # seconds since the epoch, like time.time
 
 @dataclass(frozen=True, eq=False)
 class EpochKey:
-    """One key pair with its epoch and lifetime. The private half never leaves this object."""
+    """One epoch's HPKE key pair and receipt signing key, with the epoch and lifetime. The
+    private halves never leave the enclave."""
 
     epoch: int
     created_ms: int
     not_after_ms: int
     pair: KeyPair = field(repr=False)
+    receipt_key: ed25519.Ed25519PrivateKey = field(
+        default_factory=ed25519.Ed25519PrivateKey.generate, repr=False
+    )
 
     @property
     def kem(self) -> str:
@@ -32,6 +41,11 @@ class EpochKey:
     @property
     def public_bytes(self) -> bytes:
         return self.pair.public_bytes
+
+    @property
+    def receipt_public_bytes(self) -> bytes:
+        """The receipt key's Ed25519 public key (32 bytes), bound into this epoch's evidence."""
+        return self.receipt_key.public_key().public_bytes_raw()
 
     def __repr__(self) -> str:
         return f"EpochKey(epoch={self.epoch}, kem={self.kem!r}, not_after_ms={self.not_after_ms})"
@@ -56,9 +70,12 @@ class KeyRing:
         """Generate the next epoch's key and drop keys past their ``not_after``."""
         now = self._now_ms()
         pair = KeyPair.generate(self._kem)
+        receipt_key = ed25519.Ed25519PrivateKey.generate()
         with self._lock:
             self._last_epoch += 1
-            key = EpochKey(self._last_epoch, now, now + self._rotate_ms + self._overlap_ms, pair)
+            key = EpochKey(
+                self._last_epoch, now, now + self._rotate_ms + self._overlap_ms, pair, receipt_key
+            )
             self._keys[key.epoch] = key
             self._prune(now)
         return key

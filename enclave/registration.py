@@ -186,6 +186,7 @@ class Registrar:
             evidence_format=attestation.evidence_format,
             evidence=attestation.evidence,
             nonce=nonce,
+            receipt_public_key=key.receipt_public_bytes,
         )
 
 

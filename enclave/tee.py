@@ -4,8 +4,9 @@
 * ``configfs-tsm`` (:mod:`enclave.tee_tsm`): the TEE's own report through Linux configfs-tsm
   (an Arm CCA token on a realm), with the key binding hash as report data.
 
-Both bind a key the same way: report data = ``SHA-512(pk || be64(epoch) || nonce)``
-(:func:`attestation.sim.report_data`), ``nonce`` being the broker's challenge.
+Both bind a key epoch the same way: report data =
+``SHA-512(pk || be64(epoch) || nonce || receipt pk)`` (:func:`attestation.sim.report_data`),
+``nonce`` being the broker's challenge, ``receipt pk`` the epoch's Ed25519 receipt public key.
 """
 
 from __future__ import annotations

@@ -98,13 +98,15 @@ class SimTEE:
         return Attestation(self.evidence_format, self.evidence(key, nonce))
 
     def evidence(self, key: EpochKey, nonce: bytes) -> bytes:
-        """Composite evidence binding ``key`` (public bytes, epoch, expiry) to the challenge
-        ``nonce``, with one NPU report per simulated NPU bound to the CVM report data."""
+        """Composite evidence binding ``key`` (HPKE and receipt public keys, epoch, expiry) to the
+        challenge ``nonce``, with one NPU report per simulated NPU bound to the CVM report data."""
         claims = sim.SimClaims(
             enclave_id=self.enclave_id,
             region=self.region,
             measurement=self.measurement,
-            report_data=sim.report_data(key.public_bytes, key.epoch, nonce),
+            report_data=sim.report_data(
+                key.public_bytes, key.epoch, nonce, key.receipt_public_bytes
+            ),
             nonce=nonce,
             epoch=key.epoch,
             kem=key.kem,
@@ -112,6 +114,7 @@ class SimTEE:
             issued_at_ms=int(self.clock() * 1000),
             tee_type=self.tee_type,
             npus=self.npus,
+            receipt_key=key.receipt_public_bytes,
         )
         npus = sim.npu_claims_for(claims, self.npu_firmware)
         return sim.encode_evidence(claims, self.device_key, self.chain, npus=npus)

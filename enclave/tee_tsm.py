@@ -1,8 +1,9 @@
 """configfs-tsm TEE backend: evidence from the kernel's TSM report interface (a real TEE).
 
-For each key, report data = ``SHA-512(pk || be64(epoch) || nonce)`` (64 bytes, exactly the
-configfs-tsm inblob) goes to :func:`attestation.configfs_tsm.collect`; the outblob is published
-as evidence in the format its provider names. Only providers Sovra can verify are accepted:
+For each key, report data = ``SHA-512(pk || be64(epoch) || nonce || receipt pk)`` (64 bytes,
+exactly the configfs-tsm inblob; :func:`attestation.sim.report_data`) goes to
+:func:`attestation.configfs_tsm.collect`; the outblob is published as evidence in the format its
+provider names. Only providers Sovra can verify are accepted:
 ``arm_cca_guest`` -> ``arm-cca-token`` (verified by :func:`attestation.verifier.verify_key`,
 whose realm challenge check binds the key).
 
@@ -95,8 +96,11 @@ class TsmTEE:
         )
 
     def attest(self, key: EpochKey, nonce: bytes) -> Attestation:
-        """The TEE's report with report data binding ``key`` (public bytes, epoch) to ``nonce``."""
-        report = self.collect(report_data(key.public_bytes, key.epoch, nonce))
+        """The TEE's report with report data binding ``key`` (HPKE and receipt public keys,
+        epoch) to ``nonce``."""
+        report = self.collect(
+            report_data(key.public_bytes, key.epoch, nonce, key.receipt_public_bytes)
+        )
         if report.provider != self.provider:
             raise TsmError(
                 f"configfs-tsm provider changed from {self.provider} to {report.provider}"

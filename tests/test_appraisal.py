@@ -78,6 +78,7 @@ class SimWorld:
             days=30,
         )
         self.public_key = os.urandom(32)
+        self.receipt_key = os.urandom(32)
 
     def claims(self, now_ms: int | None = None, **overrides: Any) -> sim.SimClaims:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -87,12 +88,13 @@ class SimWorld:
             "enclave_id": self.enclave_id,
             "region": "eu-west",
             "measurement": MEASUREMENT,
-            "report_data": sim.report_data(self.public_key, epoch, nonce),
+            "report_data": sim.report_data(self.public_key, epoch, nonce, self.receipt_key),
             "nonce": nonce,
             "epoch": epoch,
             "kem": "X25519",
             "key_not_after_ms": now_ms + 3_600_000,
             "issued_at_ms": now_ms,
+            "receipt_key": self.receipt_key,
         }
         base.update(overrides)
         return sim.SimClaims(**base)
@@ -110,6 +112,7 @@ class SimWorld:
             not_after_ms=claims.key_not_after_ms,
             evidence_format=sim.SIM_FORMAT,
             evidence=self.evidence(claims),
+            receipt_public_key=self.receipt_key,
         )
 
     def rv(self, **overrides: Any) -> ReferenceValues:

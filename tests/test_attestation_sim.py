@@ -17,6 +17,7 @@ from sovra.suites import KeyPair
 
 NOW = 1_800_000_000_000
 MEAS = "ab" * 48
+RECEIPT_KEY = b"r" * 32
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,13 @@ def offer(vendor, *, claims_kw: dict | None = None, key: KeyPair | None = None, 
         enclave_id="e1",
         region="cn-north-1",
         measurement=MEAS,
-        report_data=sim.report_data(kp.public_bytes, 1, nonce),
+        report_data=sim.report_data(kp.public_bytes, 1, nonce, RECEIPT_KEY),
         nonce=nonce,
         epoch=1,
         kem=kp.kem,
         key_not_after_ms=NOW + 600_000,
         issued_at_ms=NOW - 1_000,
+        receipt_key=RECEIPT_KEY,
     )
     claims = dataclasses.replace(claims, **(claims_kw or {}))
     fields = {
@@ -66,6 +68,7 @@ def offer(vendor, *, claims_kw: dict | None = None, key: KeyPair | None = None, 
         "not_after_ms": claims.key_not_after_ms,
         "evidence_format": sim.SIM_FORMAT,
         "evidence": sim.encode_evidence(claims, device_key, [cert]),  # type: ignore[arg-type]
+        "receipt_public_key": RECEIPT_KEY,
     }
     fields.update(kw)
     return OfferedKey(**fields)  # type: ignore[arg-type]

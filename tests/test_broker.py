@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import sqlite3
@@ -302,18 +303,24 @@ class TestEnclave(enclave_pb2_grpc.EnclaveServiceServicer):
         """Key ``epoch`` with evidence binding ``bind`` (default: that key's own public bytes)."""
         now = time.time() if now is None else now
         pub = self.keys[epoch].public_bytes
+        receipt = self.receipt_key(epoch)
         not_after_ms = int((now + not_after_s) * 1000)
         claims = SimClaims(
             enclave_id=self.id, region=region, measurement=MEASUREMENT,
-            report_data=report_data(bind if bind is not None else pub, epoch, nonce), nonce=nonce,
-            epoch=epoch, kem=suites.KEM_HYBRID, key_not_after_ms=not_after_ms,
-            issued_at_ms=int(now * 1000),
+            report_data=report_data(bind if bind is not None else pub, epoch, nonce, receipt),
+            nonce=nonce, epoch=epoch, kem=suites.KEM_HYBRID, key_not_after_ms=not_after_ms,
+            issued_at_ms=int(now * 1000), receipt_key=receipt,
         )  # fmt: skip
         evidence = encode_evidence(claims, self.vendor.device_key, list(self.vendor.device_chain))
         return broker_pb2.EnclaveKey(
             epoch=epoch, kem=suites.KEM_HYBRID, public_key=pub, not_after_ms=not_after_ms,
             evidence_format=SIM_FORMAT, evidence=evidence, nonce=nonce,
+            receipt_public_key=receipt,
         )  # fmt: skip
+
+    def receipt_key(self, epoch: int) -> bytes:
+        """The (stand-in) receipt public key of ``epoch``: 32 bytes, distinct per enclave."""
+        return hashlib.sha256(f"receipt/{self.id}/{epoch}".encode()).digest()
 
     def register_request(
         self, nonce: bytes, *, models: tuple[str, ...] = (MODEL,), enclave_id: str | None = None,
@@ -444,7 +451,9 @@ def test_admission_directory_models_and_health(
     # The directory carries what an edge needs to verify the key itself, without the broker.
     key = e1.keys[0]
     offered = OfferedKey("e1", key.epoch, key.kem, key.public_key, key.not_after_ms,
-                         key.evidence_format, key.evidence)  # fmt: skip
+                         key.evidence_format, key.evidence,
+                         receipt_public_key=key.receipt_public_key)  # fmt: skip
+    assert key.receipt_public_key == enclaves["e1"].receipt_key(key.epoch)
     assert verify_key(offered, ReferenceValues.load(rv_path)).status == "affirming"
 
     only = edge.ListEnclaves(broker_pb2.ListEnclavesRequest(model="bge-m3"), timeout=RPC_TIMEOUT)

@@ -65,11 +65,12 @@ class Board:
         self, *, npus: int = 1, firmware: str = FW, npu_claims: Any = None,
         npu_signers: Any = None, **claims_kw: Any,
     ) -> OfferedKey:  # fmt: skip
-        public_key, nonce = os.urandom(32), os.urandom(32)
+        public_key, nonce, receipt_key = os.urandom(32), os.urandom(32), os.urandom(32)
         claims = sim.SimClaims(
             enclave_id="enc-1", region="eu-west", measurement=MEASUREMENT,
-            report_data=sim.report_data(public_key, 1, nonce), nonce=nonce, epoch=1,
+            report_data=sim.report_data(public_key, 1, nonce, receipt_key), nonce=nonce, epoch=1,
             kem="X25519", key_not_after_ms=NOW_MS + 600_000, issued_at_ms=NOW_MS, npus=npus,
+            receipt_key=receipt_key,
         )  # fmt: skip
         claims = dataclasses.replace(claims, **claims_kw)
         npu_list = sim.npu_claims_for(claims, firmware) if npu_claims is None else npu_claims
@@ -79,7 +80,7 @@ class Board:
         return OfferedKey(
             enclave_id="enc-1", epoch=1, kem="X25519", public_key=public_key,
             not_after_ms=claims.key_not_after_ms, evidence_format=sim.SIM_FORMAT,
-            evidence=evidence,
+            evidence=evidence, receipt_public_key=receipt_key,
         )  # fmt: skip
 
     def rv(self, **overrides: Any) -> ReferenceValues:

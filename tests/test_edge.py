@@ -27,7 +27,7 @@ import openai
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from attestation import ear
 from attestation.reference_values import ReferenceValues, ReferenceValuesFile
@@ -147,6 +147,7 @@ class EnclaveKeyOffer:
     epoch: int
     keypair: suites.KeyPair
     wire: broker_pb2.EnclaveKey
+    receipt_key: ed25519.Ed25519PrivateKey | None = None
 
 
 def offer_key(
@@ -163,16 +164,19 @@ def offer_key(
     issued = issued_at_ms if issued_at_ms is not None else now_ms()
     not_after = max(issued, now_ms()) + key_ttl_ms
     nonce = os.urandom(32)
+    receipt_key = ed25519.Ed25519PrivateKey.generate()
+    receipt_public = receipt_key.public_key().public_bytes_raw()
     claims = SimClaims(
         enclave_id=enclave_id,
         region=region,
         measurement=MEASUREMENT,
-        report_data=report_data(keypair.public_bytes, epoch, nonce),
+        report_data=report_data(keypair.public_bytes, epoch, nonce, receipt_public),
         nonce=nonce,
         epoch=epoch,
         kem=kem,
         key_not_after_ms=not_after,
         issued_at_ms=issued,
+        receipt_key=receipt_public,
     )
     evidence = encode_evidence(claims, vendor.device_key, [vendor.device_cert])
     wire = broker_pb2.EnclaveKey(
@@ -182,8 +186,9 @@ def offer_key(
         not_after_ms=not_after,
         evidence_format=SIM_FORMAT,
         evidence=evidence,
+        receipt_public_key=receipt_public,
     )
-    return EnclaveKeyOffer(enclave_id, epoch, keypair, wire)
+    return EnclaveKeyOffer(enclave_id, epoch, keypair, wire, receipt_key)
 
 
 def descriptor(
@@ -1189,7 +1194,7 @@ def _issue_broker_ear(
     w = offer.wire
     offered = OfferedKey(
         offer.enclave_id, w.epoch, w.kem, w.public_key, w.not_after_ms, w.evidence_format,
-        w.evidence,
+        w.evidence, receipt_public_key=w.receipt_public_key,
     )  # fmt: skip
     return ear.issue_ear(verify_key(offered, rv), signing_key=key, policy_id="broker-rv", **kw)
 

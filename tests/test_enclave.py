@@ -575,6 +575,7 @@ def _offered(h: Harness, nonce: bytes) -> OfferedKey:
         not_after_ms=key.not_after_ms,
         evidence_format=SIM_FORMAT,
         evidence=h.tee.evidence(key, nonce),
+        receipt_public_key=key.receipt_public_bytes,
     )
 
 
@@ -886,8 +887,10 @@ def test_registration_rotation_and_reregistration(
         rv = _reference_values(materials, enclave.measurement)
         k = reg.enclave.keys[0]
         offered = OfferedKey(
-            ENCLAVE_ID, k.epoch, k.kem, k.public_key, k.not_after_ms, k.evidence_format, k.evidence
-        )
+            ENCLAVE_ID, k.epoch, k.kem, k.public_key, k.not_after_ms, k.evidence_format,
+            k.evidence, receipt_public_key=k.receipt_public_key,
+        )  # fmt: skip
+        assert k.receipt_public_key == enclave.keys.get(1).receipt_public_bytes
         verify_key(offered, rv, expected_nonce=reg.nonce)
 
         enclave.rotate_keys()  # announced at once in a heartbeat with fresh evidence
@@ -903,6 +906,7 @@ def test_registration_rotation_and_reregistration(
                 k.not_after_ms,
                 k.evidence_format,
                 k.evidence,
+                receipt_public_key=k.receipt_public_key,
             )
             verify_key(offered, rv, expected_nonce=hb.nonce)
 

@@ -466,7 +466,24 @@ def test_cli_and_receipt_verification_detect_tampering(
     job = json.loads(out.out)
     assert job["state"] == "completed" and job["metrics"]["roc_auc"] >= 0.95
     assert cli.main(["edge", "jobs", "receipt", job["id"], "--verify", *base]) == 0
-    assert "VERIFIED" in capsys.readouterr().out
+    verified = capsys.readouterr().out
+    assert "VERIFIED" in verified and "ok   evidence" in verified
+    # Exported with its evidence, the receipt verifies for anyone holding reference values.
+    exported = tmp_path / "receipt.json"
+    assert cli.main(["edge", "jobs", "receipt", job["id"], "--export", str(exported), *base]) == 0
+    capsys.readouterr()
+    third_party = ["attest", "verify-receipt", "--receipt", str(exported), "--reference-values"]
+    assert cli.main([*third_party, str(stack.reference_values), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["receipt"]["job"] == job["id"].removeprefix("job-")
+    assert doc["receipt"]["signer"] == doc["attestation"]["receipt_public_key"]
+    bundle = json.loads(exported.read_text())
+    forged = cbor2.loads(bytes.fromhex(bundle["receipt"]))
+    forged["metrics"]["roc_auc"] = 0.5
+    bundle["receipt"] = cbor2.dumps(forged, canonical=True).hex()
+    exported.write_text(json.dumps(bundle))
+    assert cli.main([*third_party, str(stack.reference_values)]) == 1
+    capsys.readouterr()
     assert cli.main(["edge", "jobs", "list", *base]) == 0
     assert job["id"] in capsys.readouterr().out
 
@@ -511,7 +528,7 @@ def test_cli_and_receipt_verification_detect_tampering(
             receipt_signer=mallory.public_key().public_bytes_raw(),
         )
         == 1
-    )  # audit record
+    )  # not the receipt key the recorded evidence binds (and not the audit record)
     record = json.loads(attestation)
     record["result"]["measurement"] = "00" * 48
     assert tamper(attestation=json.dumps(record, sort_keys=True)) == 1  # binding

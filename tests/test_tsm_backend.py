@@ -101,7 +101,7 @@ def test_key_evidence_verifies_end_to_end(tee: TsmTEE, kernel: CcaKernel, tmp_pa
     offered = OfferedKey(
         enclave_id="enc-1", epoch=key.epoch, kem=key.kem, public_key=key.public_bytes,
         not_after_ms=key.not_after_ms, evidence_format=attestation.evidence_format,
-        evidence=attestation.evidence, nonce=nonce,
+        evidence=attestation.evidence, nonce=nonce, receipt_public_key=key.receipt_public_bytes,
     )  # fmt: skip
     rv = reference_values(tmp_path, kernel)
 
@@ -122,6 +122,15 @@ def test_key_evidence_verifies_end_to_end(tee: TsmTEE, kernel: CcaKernel, tmp_pa
         verify_key(offered, rv, expected_nonce=os.urandom(32))
     with pytest.raises(KeyBindingMismatch, match="none came with the offer"):
         verify_key(OfferedKey(**{**offered.__dict__, "nonce": b""}), rv)
+    # The realm challenge binds the receipt key too: another one, or none, is refused.
+    other_receipt = OfferedKey(
+        **{**offered.__dict__, "receipt_public_key": other.receipt_public_bytes}
+    )
+    assert broker_view.receipt_public_key == key.receipt_public_bytes.hex()
+    with pytest.raises(KeyBindingMismatch, match="realm challenge"):
+        verify_key(other_receipt, rv)
+    with pytest.raises(KeyBindingMismatch, match="receipt public key"):
+        verify_key(OfferedKey(**{**offered.__dict__, "receipt_public_key": b""}), rv)
 
 
 def test_untrusted_platform_and_unaccepted_realm(
@@ -134,7 +143,7 @@ def test_untrusted_platform_and_unaccepted_realm(
     att = tee.attest(key, nonce)
     offered = OfferedKey(
         "enc-1", key.epoch, key.kem, key.public_bytes, key.not_after_ms,
-        att.evidence_format, att.evidence, nonce,
+        att.evidence_format, att.evidence, nonce, key.receipt_public_bytes,
     )  # fmt: skip
     with pytest.raises(AppraisalFailed, match="realm initial measurement"):
         verify_key(offered, reference_values(tmp_path, kernel, realm_initial_measurements=[]))
@@ -214,7 +223,7 @@ def test_broker_admits_reappraises_and_evicts_a_cca_key(
     # No nonce with the offer: the broker binds (and stores) the challenge it issued.
     offered = OfferedKey(
         "enc-1", key.epoch, key.kem, key.public_bytes, key.not_after_ms,
-        att.evidence_format, att.evidence,
+        att.evidence_format, att.evidence, receipt_public_key=key.receipt_public_bytes,
     )  # fmt: skip
     announcement = Announcement(
         "enc-1", "10.0.0.1:7000", "eu-west", "arm-cca", False, ("m",), (offered,)
@@ -227,7 +236,7 @@ def test_broker_admits_reappraises_and_evicts_a_cca_key(
     assert row.nonce == nonce and row.ear
     listed = OfferedKey(
         "enc-1", row.epoch, row.kem, row.public_key, row.not_after_ms, row.evidence_format,
-        row.evidence, row.nonce,
+        row.evidence, row.nonce, row.receipt_public_key or b"",
     )  # fmt: skip
     assert verify_key(listed, registry.reference_values).measurement == RIM.hex()  # an edge
 

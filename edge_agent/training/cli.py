@@ -86,7 +86,14 @@ def register(sub: Any) -> None:
     jr.add_argument(
         "--verify",
         action="store_true",
-        help="check signature, audit record, attestation binding, dataset digest",
+        help="check signature, audit record, attestation binding, evidence, dataset digest",
+    )
+    jr.add_argument(
+        "--export",
+        type=Path,
+        metavar="FILE",
+        help="write the receipt with the attestation evidence that binds its signing key (JSON; "
+        "verify anywhere with `sovra attest verify-receipt`)",
     )
     _common(jr)
     jr.set_defaults(func=_jobs_receipt)
@@ -320,6 +327,19 @@ def _jobs_cancel(args: argparse.Namespace) -> int:
 
 def _jobs_receipt(args: argparse.Namespace) -> int:
     def body(service: Any) -> int:
+        if args.export is not None:
+            bundle = service.export_receipt(args.id)
+            try:
+                args.export.write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
+            except OSError as exc:
+                return _fail(f"cannot write {args.export}: {exc.strerror or exc}", 2)
+            if not args.verify:
+                _print(
+                    args,
+                    {"exported": str(args.export), "type": bundle["type"]},
+                    f"receipt and evidence written to {args.export}",
+                )
+                return 0
         if not args.verify:
             doc = service.receipt(args.id)
             _print(

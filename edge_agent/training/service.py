@@ -40,6 +40,7 @@ import cbor2
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from attestation import receipts as receipt_bundles
 from attestation.reference_values import ReferenceValuesFile
 from edge_agent.config import EdgeConfig
 from edge_agent.policy import policy_id_for
@@ -650,13 +651,14 @@ class TrainingService:
     def _open(self, job: dict[str, Any]) -> None:
         plan = TrainingPlan.from_json(job["plan"])
         candidate = self._candidate(job["base_model"], plan.constraints)
-        record = {
-            "enclave_id": candidate.enclave_id,
-            "epoch": candidate.epoch,
-            "kem": candidate.kem,
-            "key_sha256": candidate.key_sha256,
-            "result": candidate.result.to_json_dict(),
-        }
+        # The verified result (with the receipt key the evidence binds) and the evidence itself:
+        # receipts are checked against it, and exported with it (docs/training.md).
+        record = receipt_bundles.attestation_record(
+            candidate.result,
+            kem=candidate.kem,
+            key_sha256=candidate.key_sha256,
+            offer=candidate.offer,
+        )
         att_sha = attestation_digest(record)
         keys = self._keys(job)
         job_key = self.store.open_secret(job["id"], "job_key", job["job_key"])
@@ -955,9 +957,22 @@ class TrainingService:
 
         if not job["receipt"]:
             raise TrainingError(409, "no_receipt", f"job {job_id} has no receipt")
+        record = json.loads(job["attestation"]) if job["attestation"] else {}
+        attested = _attested_receipt_key(record)
         try:
-            receipt = verify_receipt(job["receipt"], job["receipt_sig"], job["receipt_signer"])
-            check("signature", True, f"Ed25519 by {job['receipt_signer'].hex()[:16]}...")
+            if attested is None:
+                raise ReceiptInvalid(
+                    "the attestation result recorded for the job binds no receipt key"
+                )
+            # Checked with the receipt key the evidence bound for the enclave and epoch the job
+            # was sealed to (recorded at open), never with a key the result frames carried.
+            receipt = verify_receipt(job["receipt"], job["receipt_sig"], attested)
+            check(
+                "signature",
+                True,
+                f"Ed25519 by receipt key {attested.hex()[:16]}... bound in the attestation "
+                f"evidence of {record.get('enclave_id')} epoch {record.get('epoch')}",
+            )
         except ReceiptInvalid as exc:
             check("signature", False, str(exc))
             return {"job": model_id(bytes.fromhex(job["id"])), "ok": False, "checks": checks}
@@ -987,6 +1002,19 @@ class TrainingService:
             not problems,
             "; ".join(problems) or "attestation result, job and dataset fields match",
         )
+        try:
+            bundle = self._bundle(job)
+            verified = receipt_bundles.verify_bundle(bundle, self._trusted.reference_values)
+            check(
+                "evidence",
+                True,
+                "the recorded evidence binds the receipt key and appraises under this edge's "
+                f"reference values (as of {verified.result.verified_at_ms} ms)",
+            )
+        except TrainingError as exc:
+            check("evidence", False, exc.message)
+        except receipt_bundles.BundleRefused as exc:
+            check("evidence", False, f"{exc.check}: {exc.reason}")
         if recompute:
             try:
                 digest_now, chunks_now, size_now = self.recompute_digest(job)
@@ -1004,6 +1032,22 @@ class TrainingService:
             "checks": checks,
             "receipt": receipt,
         }
+
+    def export_receipt(self, job_id: str, app: str | None = None) -> dict[str, Any]:
+        """The receipt with the evidence that binds its signing key, for third parties
+        (``sovra attest verify-receipt``; :mod:`attestation.receipts`)."""
+        return self._bundle(self._job(job_id, app))
+
+    def _bundle(self, job: dict[str, Any]) -> dict[str, Any]:
+        if not job["receipt"]:
+            raise TrainingError(409, "no_receipt", f"job {job['id']} has no receipt")
+        record = json.loads(job["attestation"]) if job["attestation"] else {}
+        try:
+            return receipt_bundles.export_bundle(
+                job["receipt"], job["receipt_sig"], job["receipt_signer"], record
+            )
+        except ValueError as exc:
+            raise TrainingError(409, "no_evidence", str(exc)) from None
 
     def _audit_record(self, job_id: str) -> dict[str, Any] | None:
         found = None
@@ -1190,6 +1234,8 @@ def check_binding(receipt: Mapping[str, Any], job: Mapping[str, Any], tenant: st
         ("attestation.tee_type", att["tee_type"], result.get("tee_type")),
         ("attestation.simulated", att["simulated"], result.get("simulated")),
         ("attestation.result_sha256", att["result_sha256"], job["attestation_sha256"]),
+        # the receipt key bound in the attestation result the edge recorded at open
+        ("signer", receipt["signer"], result.get("receipt_public_key") or None),
         ("job", receipt["job"], job["id"]),
         ("app", receipt["app"], job["app"]),
         ("policy", receipt["policy"], job["policy_id"]),
@@ -1209,6 +1255,18 @@ def check_binding(receipt: Mapping[str, Any], job: Mapping[str, Any], tenant: st
     if receipt["tenant"] != tenant:
         problems.append("tenant differs from this edge's tenant")
     return problems
+
+
+def _attested_receipt_key(record: Mapping[str, Any]) -> bytes | None:
+    """The receipt key bound in a recorded attestation result, if it names one."""
+    result = record.get("result")
+    value = result.get("receipt_public_key") if isinstance(result, Mapping) else None
+    if not isinstance(value, str) or len(value) != 64:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return None
 
 
 def public_job(job: Mapping[str, Any], outbox: Outbox | None = None) -> dict[str, Any]:

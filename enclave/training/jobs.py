@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave.processor import Refused
 from sovra.training import (
@@ -63,6 +64,9 @@ class JobContext:
     simulated: bool
     region: str
     key_sha256: str
+    # The key epoch's receipt signing key (enclave/keys.py; its public half is bound into the
+    # epoch's evidence). Held with the job so a receipt can be signed after the epoch rotated away.
+    receipt_key: ed25519.Ed25519PrivateKey | None = field(default=None, repr=False, compare=False)
 
 
 class Spool:

@@ -5,10 +5,11 @@ requests are opened by :meth:`RequestProcessor.open_sealed`, so they pass exactl
 inference request passes (signature, recipient key epoch, freshness, replay, sealed constraints
 against this enclave's own attested identity) before anything is decrypted.
 
-Receipts are signed with an Ed25519 key generated inside the enclave, one per HPKE key epoch.
-Its public half reaches the edge only inside the sealed result, under keys derived from the job
-key that only the edge and the holder of the attested HPKE private key know; the edge records
-it, with the attestation result it verified, in its hash-chained audit log.
+Receipts are signed with the Ed25519 receipt key of the HPKE key epoch the job was sealed to
+(``enclave/keys.py``): generated inside the enclave, never exported, and bound into that epoch's
+attestation evidence together with the HPKE key. Anyone holding the evidence can therefore check
+a receipt's signature (``docs/training.md``); the edge also records the receipt in its
+hash-chained audit log.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any, Final, NoReturn
 
 import cbor2
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from enclave.processor import Refused, RequestProcessor
 from enclave.tee_sim import sim_log
@@ -96,8 +96,6 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
         self.jobs = JobTable(max_jobs)
         # Per closed job: how often each chunk index was stored, refusals by status (no data).
         self.history: OrderedDict[bytes, tuple[Counter[int], Counter[str]]] = OrderedDict()
-        self._signers: dict[int, ed25519.Ed25519PrivateKey] = {}
-        self._signers_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_TRAINING)
         self._spool_root = Path(tempfile.mkdtemp(prefix="sovra-enclave-spool-"))
         # The spool holds only ciphertext under in-memory keys; still, leave nothing behind.
@@ -131,6 +129,11 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
             )
         epoch = header.recipients[0].epoch
         key = self._processor.keys.get(epoch)
+        if key is None:  # rotated away since the envelope opened
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"key epoch {epoch} is not held (expired or rotated away); refresh the directory",
+            )
         me = self._processor.identity
         ctx = JobContext(
             tenant=header.tenant,
@@ -143,7 +146,8 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
             tee_type=me.tee_type,
             simulated=me.simulated,
             region=me.region,
-            key_sha256=hashlib.sha256(key.public_bytes if key else b"").hexdigest(),
+            key_sha256=hashlib.sha256(key.public_bytes).hexdigest(),
+            receipt_key=key.receipt_key,
         )
         keys = JobKeys.derive(spec.job_id, spec.job_key)
         fresh = Job(
@@ -350,7 +354,11 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
             )
         ended = int(time.time() * 1000)
         artifact_key, nonce, ciphertext, digest = seal_artifact(spec.job_id, result.artifact)
-        signer = self._signer(ctx.epoch)
+        signer = ctx.receipt_key
+        if signer is None:
+            raise algorithms.TrainingError(
+                "the job has no receipt key (its key epoch was not held)", "internal_error"
+            )
         signer_hex = signer.public_key().public_bytes_raw().hex()
         receipt = {
             "v": RECEIPT_VERSION,
@@ -422,13 +430,6 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"job is {job.state}; its result is not ready",
             )
-
-    def _signer(self, epoch: int) -> ed25519.Ed25519PrivateKey:
-        with self._signers_lock:
-            key = self._signers.get(epoch)
-            if key is None:
-                key = self._signers[epoch] = ed25519.Ed25519PrivateKey.generate()
-            return key
 
     def _embedder(self) -> algorithms.Embedder | None:
         workload = self._processor.workload

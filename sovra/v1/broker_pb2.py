@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from sovra.v1 import enclave_pb2 as sovra_dot_v1_dot_enclave__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sovra/v1/broker.proto\x12\x08sovra.v1\x1a\x16sovra/v1/enclave.proto\"\x99\x01\n\nEnclaveKey\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03kem\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x14\n\x0cnot_after_ms\x18\x04 \x01(\x03\x12\x17\n\x0f\x65vidence_format\x18\x05 \x01(\t\x12\x10\n\x08\x65vidence\x18\x06 \x01(\x0c\x12\x0b\n\x03\x65\x61r\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\"\xa7\x01\n\x11\x45nclaveDescriptor\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x10\n\x08tee_type\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\"\n\x04keys\x18\x06 \x03(\x0b\x32\x14.sovra.v1.EnclaveKey\x12\x15\n\rbroker_status\x18\x07 \x01(\t\"\x12\n\x10\x43hallengeRequest\"9\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x03\"_\n\x0fRegisterRequest\x12,\n\x07\x65nclave\x18\x01 \x01(\x0b\x32\x1b.sovra.v1.EnclaveDescriptor\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"@\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\"Y\n\x10HeartbeatRequest\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.sovra.v1.EnclaveKey\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x05\"$\n\x13ListEnclavesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"x\n\x14ListEnclavesResponse\x12-\n\x08\x65nclaves\x18\x01 \x03(\x0b\x32\x1b.sovra.v1.EnclaveDescriptor\x12\x17\n\x0fgenerated_at_ms\x18\x02 \x01(\x03\x12\x18\n\x10\x65\x61r_verifier_key\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"2\n\rDispatchReply\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x32\xe0\x01\n\x0f\x45nclaveRegistry\x12\x44\n\tChallenge\x12\x1a.sovra.v1.ChallengeRequest\x1a\x1b.sovra.v1.ChallengeResponse\x12\x41\n\x08Register\x12\x19.sovra.v1.RegisterRequest\x1a\x1a.sovra.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.sovra.v1.HeartbeatRequest\x1a\x1b.sovra.v1.HeartbeatResponse2\xa9\x02\n\x0b\x45\x64geGateway\x12M\n\x0cListEnclaves\x12\x1d.sovra.v1.ListEnclavesRequest\x1a\x1e.sovra.v1.ListEnclavesResponse\x12G\n\nListModels\x12\x1b.sovra.v1.ListModelsRequest\x1a\x1c.sovra.v1.ListModelsResponse\x12<\n\x08\x44ispatch\x12\x17.sovra.v1.SealedRequest\x1a\x17.sovra.v1.DispatchReply\x12\x44\n\x0e\x44ispatchStream\x12\x17.sovra.v1.SealedRequest\x1a\x17.sovra.v1.DispatchReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sovra/v1/broker.proto\x12\x08sovra.v1\x1a\x16sovra/v1/enclave.proto\"\xb5\x01\n\nEnclaveKey\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0b\n\x03kem\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x14\n\x0cnot_after_ms\x18\x04 \x01(\x03\x12\x17\n\x0f\x65vidence_format\x18\x05 \x01(\t\x12\x10\n\x08\x65vidence\x18\x06 \x01(\x0c\x12\x0b\n\x03\x65\x61r\x18\x08 \x01(\t\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\x1a\n\x12receipt_public_key\x18\n \x01(\x0c\"\xa7\x01\n\x11\x45nclaveDescriptor\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x10\n\x08tee_type\x18\x03 \x01(\t\x12\x11\n\tsimulated\x18\x04 \x01(\x08\x12\x0e\n\x06models\x18\x05 \x03(\t\x12\"\n\x04keys\x18\x06 \x03(\x0b\x32\x14.sovra.v1.EnclaveKey\x12\x15\n\rbroker_status\x18\x07 \x01(\t\"\x12\n\x10\x43hallengeRequest\"9\n\x11\x43hallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x03\"_\n\x0fRegisterRequest\x12,\n\x07\x65nclave\x18\x01 \x01(\x0b\x32\x1b.sovra.v1.EnclaveDescriptor\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"@\n\x10RegisterResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\"Y\n\x10HeartbeatRequest\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\"\n\x04keys\x18\x02 \x03(\x0b\x32\x14.sovra.v1.EnclaveKey\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"1\n\x11HeartbeatResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x05\"$\n\x13ListEnclavesRequest\x12\r\n\x05model\x18\x01 \x01(\t\"x\n\x14ListEnclavesResponse\x12-\n\x08\x65nclaves\x18\x01 \x03(\x0b\x32\x1b.sovra.v1.EnclaveDescriptor\x12\x17\n\x0fgenerated_at_ms\x18\x02 \x01(\x03\x12\x18\n\x10\x65\x61r_verifier_key\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"$\n\x12ListModelsResponse\x12\x0e\n\x06models\x18\x01 \x03(\t\"2\n\rDispatchReply\x12\x12\n\nenclave_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x32\xe0\x01\n\x0f\x45nclaveRegistry\x12\x44\n\tChallenge\x12\x1a.sovra.v1.ChallengeRequest\x1a\x1b.sovra.v1.ChallengeResponse\x12\x41\n\x08Register\x12\x19.sovra.v1.RegisterRequest\x1a\x1a.sovra.v1.RegisterResponse\x12\x44\n\tHeartbeat\x12\x1a.sovra.v1.HeartbeatRequest\x1a\x1b.sovra.v1.HeartbeatResponse2\xa9\x02\n\x0b\x45\x64geGateway\x12M\n\x0cListEnclaves\x12\x1d.sovra.v1.ListEnclavesRequest\x1a\x1e.sovra.v1.ListEnclavesResponse\x12G\n\nListModels\x12\x1b.sovra.v1.ListModelsRequest\x1a\x1c.sovra.v1.ListModelsResponse\x12<\n\x08\x44ispatch\x12\x17.sovra.v1.SealedRequest\x1a\x17.sovra.v1.DispatchReply\x12\x44\n\x0e\x44ispatchStream\x12\x17.sovra.v1.SealedRequest\x1a\x17.sovra.v1.DispatchReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,33 +33,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sovra.v1.broker_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENCLAVEKEY']._serialized_start=60
-  _globals['_ENCLAVEKEY']._serialized_end=213
-  _globals['_ENCLAVEDESCRIPTOR']._serialized_start=216
-  _globals['_ENCLAVEDESCRIPTOR']._serialized_end=383
-  _globals['_CHALLENGEREQUEST']._serialized_start=385
-  _globals['_CHALLENGEREQUEST']._serialized_end=403
-  _globals['_CHALLENGERESPONSE']._serialized_start=405
-  _globals['_CHALLENGERESPONSE']._serialized_end=462
-  _globals['_REGISTERREQUEST']._serialized_start=464
-  _globals['_REGISTERREQUEST']._serialized_end=559
-  _globals['_REGISTERRESPONSE']._serialized_start=561
-  _globals['_REGISTERRESPONSE']._serialized_end=625
-  _globals['_HEARTBEATREQUEST']._serialized_start=627
-  _globals['_HEARTBEATREQUEST']._serialized_end=716
-  _globals['_HEARTBEATRESPONSE']._serialized_start=718
-  _globals['_HEARTBEATRESPONSE']._serialized_end=767
-  _globals['_LISTENCLAVESREQUEST']._serialized_start=769
-  _globals['_LISTENCLAVESREQUEST']._serialized_end=805
-  _globals['_LISTENCLAVESRESPONSE']._serialized_start=807
-  _globals['_LISTENCLAVESRESPONSE']._serialized_end=927
-  _globals['_LISTMODELSREQUEST']._serialized_start=929
-  _globals['_LISTMODELSREQUEST']._serialized_end=948
-  _globals['_LISTMODELSRESPONSE']._serialized_start=950
-  _globals['_LISTMODELSRESPONSE']._serialized_end=986
-  _globals['_DISPATCHREPLY']._serialized_start=988
-  _globals['_DISPATCHREPLY']._serialized_end=1038
-  _globals['_ENCLAVEREGISTRY']._serialized_start=1041
-  _globals['_ENCLAVEREGISTRY']._serialized_end=1265
-  _globals['_EDGEGATEWAY']._serialized_start=1268
-  _globals['_EDGEGATEWAY']._serialized_end=1565
+  _globals['_ENCLAVEKEY']._serialized_end=241
+  _globals['_ENCLAVEDESCRIPTOR']._serialized_start=244
+  _globals['_ENCLAVEDESCRIPTOR']._serialized_end=411
+  _globals['_CHALLENGEREQUEST']._serialized_start=413
+  _globals['_CHALLENGEREQUEST']._serialized_end=431
+  _globals['_CHALLENGERESPONSE']._serialized_start=433
+  _globals['_CHALLENGERESPONSE']._serialized_end=490
+  _globals['_REGISTERREQUEST']._serialized_start=492
+  _globals['_REGISTERREQUEST']._serialized_end=587
+  _globals['_REGISTERRESPONSE']._serialized_start=589
+  _globals['_REGISTERRESPONSE']._serialized_end=653
+  _globals['_HEARTBEATREQUEST']._serialized_start=655
+  _globals['_HEARTBEATREQUEST']._serialized_end=744
+  _globals['_HEARTBEATRESPONSE']._serialized_start=746
+  _globals['_HEARTBEATRESPONSE']._serialized_end=795
+  _globals['_LISTENCLAVESREQUEST']._serialized_start=797
+  _globals['_LISTENCLAVESREQUEST']._serialized_end=833
+  _globals['_LISTENCLAVESRESPONSE']._serialized_start=835
+  _globals['_LISTENCLAVESRESPONSE']._serialized_end=955
+  _globals['_LISTMODELSREQUEST']._serialized_start=957
+  _globals['_LISTMODELSREQUEST']._serialized_end=976
+  _globals['_LISTMODELSRESPONSE']._serialized_start=978
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1014
+  _globals['_DISPATCHREPLY']._serialized_start=1016
+  _globals['_DISPATCHREPLY']._serialized_end=1066
+  _globals['_ENCLAVEREGISTRY']._serialized_start=1069
+  _globals['_ENCLAVEREGISTRY']._serialized_end=1293
+  _globals['_EDGEGATEWAY']._serialized_start=1296
+  _globals['_EDGEGATEWAY']._serialized_end=1593
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,9 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class EnclaveKey(_message.Message):
-    """One HPKE public key of an enclave, with the evidence that binds it."""
+    """One HPKE public key of an enclave (one key epoch), with the evidence that binds it and the
+    epoch's receipt key.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -34,6 +36,7 @@ class EnclaveKey(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     EAR_FIELD_NUMBER: _builtins.int
     NONCE_FIELD_NUMBER: _builtins.int
+    RECEIPT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     kem: _builtins.str
     """"MLKEM768-X25519" or "X25519" """
@@ -51,6 +54,12 @@ class EnclaveKey(_message.Message):
     (enclaves may send it too). CCA tokens carry only the 64-byte report data, so relying
     parties need it to recompute the key binding; sim evidence carries it inside.
     """
+    receipt_public_key: _builtins.bytes
+    """The key epoch's Ed25519 receipt public key (32 bytes): training receipts are signed with
+    it. The evidence binds it together with `public_key`:
+    report data = SHA-512(public_key || be64(epoch) || nonce || receipt_public_key).
+    Public metadata; mandatory (a key offered without it is refused).
+    """
     def __init__(
         self,
         *,
@@ -62,10 +71,11 @@ class EnclaveKey(_message.Message):
         evidence: _builtins.bytes = ...,
         ear: _builtins.str = ...,
         nonce: _builtins.bytes = ...,
+        receipt_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ear", b"ear", "epoch", b"epoch", "evidence", b"evidence", "evidence_format", b"evidence_format", "kem", b"kem", "nonce", b"nonce", "not_after_ms", b"not_after_ms", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ear", b"ear", "epoch", b"epoch", "evidence", b"evidence", "evidence_format", b"evidence_format", "kem", b"kem", "nonce", b"nonce", "not_after_ms", b"not_after_ms", "public_key", b"public_key", "receipt_public_key", b"receipt_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
