@@ -9,57 +9,25 @@ that share a database must share this file, or edges see EARs signed by another 
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sovra import keyfiles
 
-class EarKeyError(Exception):
+
+class EarKeyError(keyfiles.KeyFileError):
     """The EAR signing key file cannot be created or is unusable."""
 
 
 def load_or_create(path: Path) -> ec.EllipticCurvePrivateKey:
-    path = Path(path)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return _load(path) if path.exists() else _create(path)
-    except OSError as exc:
-        raise EarKeyError(f"EAR signing key {path}: {exc.strerror or exc}") from None
-
-
-def _create(path: Path) -> ec.EllipticCurvePrivateKey:
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    return keyfiles.load_or_create(
+        path,
+        what="EAR signing key",
+        kind="an EC P-256 key (ES256)",
+        generate=lambda: ec.generate_private_key(ec.SECP256R1()),
+        accept=lambda k: (
+            isinstance(k, ec.EllipticCurvePrivateKey) and isinstance(k.curve, ec.SECP256R1)
+        ),
+        error=EarKeyError,
     )
-    try:
-        # O_EXCL: two replicas starting at once must not each write a different key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _load(path)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return key
-
-
-def _load(path: Path) -> ec.EllipticCurvePrivateKey:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise EarKeyError(
-            f"EAR signing key {path} is accessible by group or others (mode {mode:o}); "
-            "run chmod 600 on it"
-        )
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        raise EarKeyError(f"EAR signing key {path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise EarKeyError(f"EAR signing key {path} is not an EC P-256 key (ES256)")
-    return key

@@ -7,14 +7,12 @@ type and stack only, because exception messages may quote values the broker must
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +23,7 @@ from attestation.verifier import OfferedKey
 from cloud_broker import db, ear_key
 from cloud_broker.config import BrokerConfig, TenantPolicy
 from cloud_broker.dispatch import MAX_MESSAGE_BYTES, Dispatcher, EnclaveLinks
-from cloud_broker.errors import BrokerError
+from cloud_broker.errors import BrokerError, streaming_handler, unary_handler
 from cloud_broker.policy import QuotaStore
 from cloud_broker.registry import (
     Announcement,
@@ -49,57 +47,9 @@ SERVICE_NAMES: Final = (
     broker_pb2.DESCRIPTOR.services_by_name["EdgeGateway"].full_name,
 )
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Servicer = TypeVar("Servicer")
-
 
 class ServeError(Exception):
     """The broker could not start (for example, the listen address is taken)."""
-
-
-def _unary(
-    method: Callable[[Servicer, Req, grpc.ServicerContext], Resp],
-) -> Callable[[Servicer, Req, grpc.ServicerContext], Resp]:
-    """Turn refusals into gRPC statuses for a unary handler."""
-
-    @functools.wraps(method)
-    def handler(self: Servicer, request: Req, context: grpc.ServicerContext) -> Resp:
-        try:
-            return method(self, request, context)
-        except BrokerError as exc:
-            failure = exc
-        except Exception as exc:
-            failure = _internal(method.__name__, exc)
-        context.abort(failure.code, failure.message)
-        raise AssertionError("context.abort returned")  # abort always raises
-
-    return handler
-
-
-def _streaming(
-    method: Callable[[Servicer, Req, grpc.ServicerContext], Iterator[Resp]],
-) -> Callable[[Servicer, Req, grpc.ServicerContext], Iterator[Resp]]:
-    """Turn refusals into gRPC statuses for a server-streaming handler."""
-
-    @functools.wraps(method)
-    def handler(self: Servicer, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
-        try:
-            yield from method(self, request, context)
-            return
-        except BrokerError as exc:
-            failure = exc
-        except Exception as exc:
-            failure = _internal(method.__name__, exc)
-        context.abort(failure.code, failure.message)
-
-    return handler
-
-
-def _internal(method: str, exc: Exception) -> BrokerError:
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("internal error in %s: %s\n%s", method, type(exc).__name__, stack)
-    return BrokerError(grpc.StatusCode.INTERNAL, f"internal broker error ({type(exc).__name__})")
 
 
 def _caller(context: grpc.ServicerContext, kind: str, service: str) -> Identity:
@@ -134,7 +84,7 @@ class EnclaveRegistryServicer(broker_pb2_grpc.EnclaveRegistryServicer):
     def _enclave(self, context: grpc.ServicerContext) -> str:
         return _caller(context, "enclave", "EnclaveRegistry").name
 
-    @_unary
+    @unary_handler
     def Challenge(
         self, request: broker_pb2.ChallengeRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ChallengeResponse:
@@ -143,7 +93,7 @@ class EnclaveRegistryServicer(broker_pb2_grpc.EnclaveRegistryServicer):
             nonce=challenge.nonce, expires_at_ms=challenge.expires_at_ms
         )
 
-    @_unary
+    @unary_handler
     def Register(
         self, request: broker_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> broker_pb2.RegisterResponse:
@@ -163,7 +113,7 @@ class EnclaveRegistryServicer(broker_pb2_grpc.EnclaveRegistryServicer):
             heartbeat_interval_s=self._registry.heartbeat_interval_s, status=db.STATUS_ADMITTED
         )
 
-    @_unary
+    @unary_handler
     def Heartbeat(
         self, request: broker_pb2.HeartbeatRequest, context: grpc.ServicerContext
     ) -> broker_pb2.HeartbeatResponse:
@@ -205,7 +155,7 @@ class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
             )
         return policy
 
-    @_unary
+    @unary_handler
     def ListEnclaves(
         self, request: broker_pb2.ListEnclavesRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ListEnclavesResponse:
@@ -217,7 +167,7 @@ class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
             ear_verifier_key=self._registry.ear_verifier_key_pem,
         )
 
-    @_unary
+    @unary_handler
     def ListModels(
         self, request: broker_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> broker_pb2.ListModelsResponse:
@@ -226,7 +176,7 @@ class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
         models = sorted({m for e in entries for m in e.enclave.model_list})
         return broker_pb2.ListModelsResponse(models=models)
 
-    @_unary
+    @unary_handler
     def Dispatch(
         self, request: enclave_pb2.SealedRequest, context: grpc.ServicerContext
     ) -> broker_pb2.DispatchReply:
@@ -234,7 +184,7 @@ class EdgeGatewayServicer(broker_pb2_grpc.EdgeGatewayServicer):
         enclave_id, frame = self._dispatcher.dispatch(tenant, request.envelope, context)
         return broker_pb2.DispatchReply(enclave_id=enclave_id, frame=frame)
 
-    @_streaming
+    @streaming_handler
     def DispatchStream(
         self, request: enclave_pb2.SealedRequest, context: grpc.ServicerContext
     ) -> Iterator[broker_pb2.DispatchReply]:

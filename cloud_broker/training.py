@@ -16,11 +16,9 @@ enclave attested and registered, ``locate`` finds it again, ``release`` deletes 
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, TypeVar
@@ -31,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Field, Session, SQLModel, select
 
 from cloud_broker.config import BrokerConfig, TenantPolicy
-from cloud_broker.errors import BrokerError
+from cloud_broker.errors import BrokerError, streaming_handler, unary_handler
 from cloud_broker.registry import Registry
 from sovra.envelope import BadSignature, Envelope, EnvelopeError
 from sovra.pki import Identity
@@ -40,6 +38,8 @@ from sovra.training import JOB_ID_LEN, MAX_CHUNK_BYTES
 from sovra.v1 import training_pb2, training_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICE_NAME: Final = training_pb2.DESCRIPTOR.services_by_name["TrainingGateway"].full_name
 UPLOAD_TIMEOUT_S: Final = 6 * 3600.0
@@ -165,51 +165,6 @@ class _Links:
             self._links.clear()
 
 
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-S = TypeVar("S")
-
-
-def _unary(
-    method: Callable[[S, Req, grpc.ServicerContext], Resp],
-) -> Callable[[S, Req, grpc.ServicerContext], Resp]:
-    @functools.wraps(method)
-    def handler(self: S, request: Req, context: grpc.ServicerContext) -> Resp:
-        try:
-            return method(self, request, context)
-        except BrokerError as exc:
-            failure = exc
-        except Exception as exc:
-            failure = _internal(method.__name__, exc)
-        context.abort(failure.code, failure.message)
-        raise AssertionError("context.abort returned")
-
-    return handler
-
-
-def _streaming(
-    method: Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]],
-) -> Callable[[S, Req, grpc.ServicerContext], Iterator[Resp]]:
-    @functools.wraps(method)
-    def handler(self: S, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
-        try:
-            yield from method(self, request, context)
-            return
-        except BrokerError as exc:
-            failure = exc
-        except Exception as exc:
-            failure = _internal(method.__name__, exc)
-        context.abort(failure.code, failure.message)
-
-    return handler
-
-
-def _internal(method: str, exc: Exception) -> BrokerError:
-    stack = "".join(traceback.format_tb(exc.__traceback__))
-    log.error("internal error in training %s: %s\n%s", method, type(exc).__name__, stack)
-    return BrokerError(grpc.StatusCode.INTERNAL, f"internal broker error ({type(exc).__name__})")
-
-
 def _status(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     call: Any = err
     code = call.code() if hasattr(call, "code") else grpc.StatusCode.UNKNOWN
@@ -331,7 +286,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
 
     # -- jobs -----------------------------------------------------------------------------
 
-    @_unary
+    @unary_handler
     def OpenJob(
         self, request: training_pb2.OpenJobRequest, context: grpc.ServicerContext
     ) -> training_pb2.JobAck:
@@ -381,7 +336,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
         )  # fmt: skip
         return ack
 
-    @_streaming
+    @streaming_handler
     def Upload(  # type: ignore[override]  # bytes in and out: see _register
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
@@ -443,7 +398,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
                 relayed["bytes"], acked, complete,
             )  # fmt: skip
 
-    @_unary
+    @unary_handler
     def GetJob(
         self, request: training_pb2.JobRef, context: grpc.ServicerContext
     ) -> training_pb2.JobStatus:
@@ -458,7 +413,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
         self._update(row.job_id, state=state, chunks_acked=status.next_chunk)
         return status
 
-    @_streaming
+    @streaming_handler
     def FetchResult(
         self, request: training_pb2.JobRef, context: grpc.ServicerContext
     ) -> Iterator[training_pb2.TrainingReply]:
@@ -484,7 +439,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
             row.job_id, tenant.name, frames, size,
         )  # fmt: skip
 
-    @_unary
+    @unary_handler
     def CloseJob(
         self, request: training_pb2.CloseJobRequest, context: grpc.ServicerContext
     ) -> training_pb2.CloseJobResponse:
@@ -511,7 +466,7 @@ class TrainingGatewayServicer(training_pb2_grpc.TrainingGatewayServicer):
 
     # -- scoring --------------------------------------------------------------------------
 
-    @_unary
+    @unary_handler
     def Score(
         self, request: training_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> training_pb2.TrainingReply:
@@ -553,7 +508,7 @@ def _parse(kind: Any, raw: bytes, what: str) -> Any:
         raise BrokerError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {what}") from None
 
 
-def _chain(first: Req, rest: Iterator[Req]) -> Iterator[Req]:
+def _chain(first: T, rest: Iterator[T]) -> Iterator[T]:
     yield first
     yield from rest
 
