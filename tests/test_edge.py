@@ -546,8 +546,15 @@ def test_chat_is_sealed_to_verified_enclaves_and_answered(
     assert {e["id"] for e in record["enclaves"]} == {"e1", "e2", "e3"}
     assert all(e["simulated"] is True for e in record["enclaves"])  # labelled as simulation
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "sovra.edge"]
-    assert any(f"rid={rid}" in line and "status=200" in line for line in lines)
+    def request_logged() -> bool:
+        lines = [r.getMessage() for r in caplog.records if r.name == "sovra.edge"]
+        return any(f"rid={rid}" in line and "status=200" in line for line in lines)
+
+    # The access line is written after the response has gone out, so wait for that event.
+    deadline = time.monotonic() + 5
+    while not request_logged() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert request_logged()
     assert not any(SECRET in r.getMessage() for r in caplog.records)
     assert edge.edge.runtime.audit.verify().ok
 
