@@ -153,7 +153,11 @@ def start_plain(pki_dir: Path) -> tuple[list[subprocess.Popen[str]], str]:
 
 
 def plain_client(address: str, data_path: Path, chunk: int, pki_dir: Path) -> dict[str, Any]:
-    """Stream the file in ``chunk``-byte messages with a window of WINDOW acks."""
+    """Stream the file in ``chunk``-byte messages with a window of WINDOW acks.
+
+    Timed like the sealed upload: the stream opens with an empty message (the sealed edge asks
+    for the enclave's position first), and the clock starts when its ack arrives, so neither
+    path counts connection setup or the first round trip."""
     from sovra.pki import Identity
     from sovra.tls import secure_channel
 
@@ -168,14 +172,22 @@ def plain_client(address: str, data_path: Path, chunk: int, pki_dir: Path) -> di
     size = data_path.stat().st_size
     count = max(1, -(-size // chunk))
 
+    opened = threading.Event()
+
     def requests() -> Iterator[bytes]:
+        yield b""
+        opened.wait()
         with data_path.open("rb") as handle:
             while block := handle.read(chunk):
                 window.acquire()
                 yield block
 
-    started = time.perf_counter()
-    for acks, _ in enumerate(call_fn(requests(), timeout=3600), start=1):
+    started = 0.0
+    for acks, _ in enumerate(call_fn(requests(), timeout=3600)):
+        if acks == 0:
+            started = time.perf_counter()
+            opened.set()
+            continue
         window.release()
         if acks == count:
             break

@@ -142,11 +142,16 @@ class JobKeys:
     # chunks
 
     def seal_chunk(self, index: int, final: bool, plaintext: bytes) -> bytes:
+        return b"".join(self.seal_chunk_parts(index, final, plaintext))
+
+    def seal_chunk_parts(self, index: int, final: bool, plaintext: bytes) -> tuple[bytes, bytes]:
+        """:meth:`seal_chunk` as (CBOR head, ciphertext), whose concatenation is the sealed
+        chunk: a writer can write both without joining them (a 4 MiB copy less)."""
         nonce = os.urandom(NONCE_LEN)
         ct = AESGCM(self.chunk_key).encrypt(nonce, plaintext, _chunk_aad(self.job_id, index, final))
-        return cbor2.dumps([CHUNK_MAGIC, self.job_id, index, final, nonce, ct])
+        return _chunk_head(self.job_id, index, final, nonce, len(ct)), ct
 
-    def open_chunk(self, chunk: bytes | ChunkHeader) -> tuple[int, bool, bytes]:
+    def open_chunk(self, chunk: bytes | memoryview | ChunkHeader) -> tuple[int, bool, bytes]:
         """(index, final, plaintext); ChunkRejected if it is not this job's or was altered."""
         header = chunk if isinstance(chunk, ChunkHeader) else parse_chunk(chunk)
         if header.job_id != self.job_id:
@@ -198,14 +203,22 @@ class ChunkHeader:
     index: int
     final: bool
     nonce: bytes
-    ciphertext: bytes = field(repr=False)
+    #: A view into the sealed chunk when it was parsed without copying (:func:`parse_chunk`).
+    ciphertext: bytes | memoryview = field(repr=False)
 
 
-def parse_chunk(chunk: bytes) -> ChunkHeader:
-    """The unauthenticated routing fields of a sealed chunk (structure checks only)."""
+def parse_chunk(chunk: bytes | memoryview) -> ChunkHeader:
+    """The unauthenticated routing fields of a sealed chunk (structure checks only).
+
+    A chunk laid out as :meth:`JobKeys.seal_chunk` writes it is read in place: the ciphertext
+    is a view into ``chunk``, not a copy (a generic CBOR decode copies a 4 MiB chunk in 64 KiB
+    pieces). Any other encoding goes through the generic decoder, with the same result."""
     if len(chunk) > MAX_CHUNK_BYTES + CHUNK_OVERHEAD:
         raise MalformedMessage(f"chunk is larger than {MAX_CHUNK_BYTES + CHUNK_OVERHEAD} bytes")
-    obj = _loads(chunk, "chunk")
+    fast = _parse_chunk_in_place(memoryview(chunk))
+    if fast is not None:
+        return fast
+    obj = _loads(bytes(chunk), "chunk")
     if not isinstance(obj, list) or len(obj) != 6 or obj[0] != CHUNK_MAGIC:
         raise MalformedMessage(f"not a {CHUNK_MAGIC} chunk (expected a 6-item array)")
     return ChunkHeader(
@@ -219,6 +232,75 @@ def parse_chunk(chunk: bytes) -> ChunkHeader:
 
 def _chunk_aad(job_id: bytes, index: int, final: bool) -> bytes:
     return _CHUNK_AAD + job_id + struct.pack(">QB", index, int(final))
+
+
+# The fixed start of a sealed chunk: array(6), text(13) magic, bytes(16) job id header.
+_CHUNK_START: Final = b"\x86\x6d" + CHUNK_MAGIC.encode() + b"\x50"
+_UINT_FORMS: Final = ((1 << 8, 0x18, ">B"), (1 << 16, 0x19, ">H"), (1 << 32, 0x1A, ">I"))
+
+
+def _cbor_head(major: int, value: int) -> bytes:
+    """The head of a CBOR data item, shortest form (as cbor2 and RFC 8949 deterministic)."""
+    if value < 24:
+        return bytes([major << 5 | value])
+    for limit, info, fmt in _UINT_FORMS:
+        if value < limit:
+            return bytes([major << 5 | info]) + struct.pack(fmt, value)
+    return bytes([major << 5 | 0x1B]) + struct.pack(">Q", value)
+
+
+def _chunk_head(job_id: bytes, index: int, final: bool, nonce: bytes, ct_len: int) -> bytes:
+    """Everything of ``cbor2.dumps([CHUNK_MAGIC, job_id, index, final, nonce, ct])`` before
+    ``ct`` itself (the same bytes: tests/test_training.py checks it)."""
+    return (
+        _CHUNK_START
+        + job_id
+        + _cbor_head(0, index)
+        + (b"\xf5" if final else b"\xf4")
+        + _cbor_head(2, len(nonce))
+        + nonce
+        + _cbor_head(2, ct_len)
+    )
+
+
+def _read_head(view: memoryview, pos: int, major: int) -> tuple[int, int] | None:
+    """(argument, position after the head) of a definite-length CBOR head, or None."""
+    if pos >= len(view) or view[pos] >> 5 != major:
+        return None
+    info = view[pos] & 0x1F
+    if info < 24:
+        return info, pos + 1
+    size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info)
+    if size is None or pos + 1 + size > len(view):
+        return None
+    return int.from_bytes(view[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+
+
+def _parse_chunk_in_place(view: memoryview) -> ChunkHeader | None:
+    """A chunk in the layout ``seal_chunk`` writes, without copying its ciphertext; None for
+    anything else (the caller then decodes it generically)."""
+    start = len(_CHUNK_START)
+    if view[:start] != _CHUNK_START or len(view) < start + JOB_ID_LEN:
+        return None
+    job_id = bytes(view[start : start + JOB_ID_LEN])
+    index = _read_head(view, start + JOB_ID_LEN, 0)
+    if index is None or index[1] >= len(view) or view[index[1]] not in (0xF4, 0xF5):
+        return None
+    final = view[index[1]] == 0xF5
+    nonce_head = _read_head(view, index[1] + 1, 2)
+    if nonce_head is None or nonce_head[0] != NONCE_LEN:
+        return None
+    nonce_end = nonce_head[1] + NONCE_LEN
+    ct_head = _read_head(view, nonce_end, 2)
+    if ct_head is None or ct_head[1] + ct_head[0] != len(view):
+        return None
+    return ChunkHeader(
+        job_id=job_id,
+        index=index[0],
+        final=final,
+        nonce=bytes(view[nonce_head[1] : nonce_end]),
+        ciphertext=view[ct_head[1] :],
+    )
 
 
 def chunk_count(total_bytes: int, chunk_bytes: int) -> int:

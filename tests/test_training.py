@@ -33,6 +33,7 @@ from enclave.training.jobs import FAILED, TRAINING, Job, JobContext, Spool
 from sovra.envelope import Constraints
 from sovra.policy import Policy, PolicyInvalid
 from sovra.training import (
+    CHUNK_MAGIC,
     RECEIPT_FIELDS,
     BadProof,
     ChunkRejected,
@@ -44,6 +45,7 @@ from sovra.training import (
     new_job_id,
     new_job_key,
     open_artifact,
+    parse_chunk,
     seal_artifact,
     sign_receipt,
     verify_receipt,
@@ -88,6 +90,58 @@ def test_chunks_open_only_for_their_job_and_position() -> None:
         same_id.open_chunk(chunk)
     with pytest.raises(MalformedMessage):
         keys.open_chunk(b"\xff not cbor")
+
+
+def test_chunks_are_written_as_cbor_and_read_in_place() -> None:
+    """seal_chunk writes exactly what cbor2 would; parse_chunk reads that layout without copying
+    the ciphertext, and any other valid encoding of the same chunk the generic way."""
+    keys = _keys()
+    for index in (0, 23, 24, 255, 256, 65_535, 65_536, 2**32 - 1, 2**32):
+        for size in (0, 7, 23, 24, 255, 256, 65_519, 65_520, 70_000):
+            final = index % 2 == 1
+            plaintext = bytes(range(256)) * (size // 256) + b"p" * (size % 256)
+            chunk = keys.seal_chunk(index, final, plaintext)
+            obj = cbor2.loads(chunk)
+            assert chunk == cbor2.dumps(obj) and obj[:4] == [CHUNK_MAGIC, keys.job_id, index, final]
+            header = parse_chunk(chunk)
+            assert isinstance(header.ciphertext, memoryview)  # a view, not a copy
+            assert (header.index, header.final, header.nonce) == (index, final, obj[4])
+            assert bytes(header.ciphertext) == obj[5]
+            assert keys.open_chunk(memoryview(chunk)) == (index, final, plaintext)
+    chunk = keys.seal_chunk(300, False, b"rows\n")
+    obj = cbor2.loads(chunk)
+    # other encodings of the same chunk (a longer-than-needed index head; trailing bytes, which
+    # the generic decoder ignores) give what the generic decoder always gave
+    long_index = chunk.replace(b"\x19\x01\x2c", b"\x1a\x00\x00\x01\x2c", 1)
+    assert cbor2.loads(long_index) == obj
+    assert isinstance(parse_chunk(chunk + b"\x00").ciphertext, bytes)  # the generic way
+    for other in (long_index, chunk + b"\x00"):
+        assert parse_chunk(other).index == 300
+        assert keys.open_chunk(other) == (300, False, b"rows\n")
+    for bad in (chunk[:-1], chunk[:30], b"\x86" + chunk[1:20]):
+        with pytest.raises((MalformedMessage, ChunkRejected)):
+            keys.open_chunk(bad)
+
+
+def test_upload_requests_are_read_in_place_by_the_enclave() -> None:
+    from edge_agent.training.client import upload_request
+    from enclave.training.service import upload_fields
+    from sovra.v1 import training_pb2
+
+    job = new_job_id()
+    for chunk in (b"x", b"y" * 200, b"z" * 70_000):
+        job_id, view = upload_fields(upload_request(job, chunk))
+        assert job_id == job and isinstance(view, memoryview) and view == chunk
+    assert upload_fields(upload_request(job)) == (job, b"")
+    # other encodings of the same message (fields reversed, an unknown field): parsed by protobuf
+    message = training_pb2.UploadRequest(job_id=job, chunk=b"abc").SerializeToString()
+    reversed_ = message[18:] + message[:18]
+    assert upload_fields(reversed_) == (job, b"abc")
+    assert upload_fields(message + b"\x18\x01") == (job, b"abc")
+    for bad in (b"\x0a\x10" + job + b"\x12\x05abc", b"\xff\xff", message[:-1]):
+        with pytest.raises(Refused) as info:
+            upload_fields(bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_acks_status_and_close_proofs_are_bound_to_the_job_key() -> None:
@@ -313,17 +367,34 @@ def test_chunker_cuts_exact_sizes_and_marks_the_last(size: int) -> None:
 
 
 def test_outbox_full_is_a_clear_error_and_loses_nothing(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "outbox", max_bytes=100)
-    outbox.put("job-a", 0, b"a" * 40)
-    outbox.put("job-a", 1, b"b" * 40)
+    job_a, job_b = "aa" * 16, "bb" * 16
+    outbox = Outbox(tmp_path / "outbox", max_bytes=130)  # 40-byte chunks take 60 bytes each
+    outbox.put(job_a, 0, b"a" * 40)
+    outbox.put(job_a, 1, b"b" * 40)
     with pytest.raises(OutboxFull, match="outbox full"):
-        outbox.put("job-b", 0, b"c" * 40)
-    assert outbox.get("job-a", 0) == b"a" * 40 and outbox.get("job-a", 1) == b"b" * 40
-    assert outbox.chunks("job-a") == [0, 1] and outbox.used() == 80
-    outbox.delete_below("job-a", 1)  # the enclave acknowledged chunk 0
-    assert outbox.chunks("job-a") == [1]
-    outbox.put("job-b", 0, b"c" * 40)  # fits now
-    assert outbox.used() == 80
+        outbox.put(job_b, 0, b"c" * 40)
+    assert outbox.get(job_a, 0) == b"a" * 40 and outbox.get(job_a, 1) == b"b" * 40
+    assert outbox.chunks(job_a) == [0, 1] and outbox.used() == 120
+    outbox.delete_below(job_a, 1)  # the enclave acknowledged chunk 0
+    assert outbox.chunks(job_a) == [1]
+    outbox.put(job_b, 0, b"c" * 40)  # fits now
+    assert outbox.used() == 120
+
+
+def test_outbox_stores_each_chunk_as_its_upload_request(tmp_path: Path) -> None:
+    from sovra.v1 import training_pb2
+
+    keys = _keys()
+    job = keys.job_id.hex()
+    outbox = Outbox(tmp_path / "outbox", max_bytes=1 << 30)
+    head, ct = keys.seal_chunk_parts(7, False, b"x" * 70_000)
+    outbox.put(job, 7, head, ct)  # written in parts, never joined
+    sealed = head + ct
+    assert outbox.get(job, 7) == sealed and keys.open_chunk(sealed)[2] == b"x" * 70_000
+    expected = training_pb2.UploadRequest(job_id=keys.job_id, chunk=sealed).SerializeToString()
+    assert outbox.message(job, 7) == outbox.path(job, 7).read_bytes() == expected
+    outbox.path(job, 8).write_bytes(sealed)  # a bare chunk, as an older version spooled it
+    assert outbox.get(job, 8) == sealed and outbox.message(job, 8) == expected
 
 
 # -- datasets ----------------------------------------------------------------------------------

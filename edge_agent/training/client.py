@@ -42,9 +42,15 @@ def _error(exc: grpc.RpcError) -> TrainingCallError:
 
 def upload_request(job_id: bytes, chunk: bytes = b"") -> bytes:
     """``UploadRequest{job_id, chunk}`` in protobuf wire format (field 1, then field 2)."""
+    return upload_request_prefix(job_id, len(chunk)) + chunk
+
+
+def upload_request_prefix(job_id: bytes, chunk_len: int) -> bytes:
+    """The bytes of :func:`upload_request` before the chunk: written in front of a chunk, they
+    make it the serialized request without building one (the outbox stores chunks this way)."""
     out = b"\x0a" + _varint(len(job_id)) + job_id
-    if chunk:
-        out += b"\x12" + _varint(len(chunk)) + chunk
+    if chunk_len:
+        out += b"\x12" + _varint(chunk_len)
     return out
 
 

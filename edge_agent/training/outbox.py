@@ -5,6 +5,10 @@ upload starts, so an agent that dies (``kill -9``), a broker restart or a networ
 nothing: the upload resumes from the enclave's last acknowledged chunk, reading the rest from
 here. A chunk file is deleted only after the enclave acknowledged it (authenticated ack).
 
+Each chunk is stored as the serialized ``UploadRequest`` that carries it (job id, then the
+sealed chunk, protobuf wire format), so the uploader sends a file as read, in one piece, without
+building a message around it.
+
 The outbox holds at most ``max_bytes`` of sealed chunks. Writing a chunk that would pass the
 limit raises :class:`OutboxFull` and leaves every stored chunk in place (nothing queued is ever
 evicted); the job that hit the limit removes its own partial chunks and fails with a clear
@@ -19,7 +23,11 @@ import threading
 from pathlib import Path
 from typing import Final
 
+from edge_agent.training.client import upload_request_prefix
+from sovra.v1 import training_pb2
+
 _SUFFIX: Final = ".chunk"
+_MESSAGE_START: Final = 0x0A  # an UploadRequest starts with field 1; a bare sealed chunk with 0x86
 
 
 class OutboxFull(Exception):
@@ -50,13 +58,16 @@ class Outbox:
                 continue
         return total
 
-    def put(self, job_id: str, index: int, data: bytes) -> None:
-        """Store one sealed chunk durably; OutboxFull if it does not fit."""
+    def put(self, job_id: str, index: int, *parts: bytes) -> None:
+        """Store one sealed chunk (the concatenation of ``parts``, written without joining
+        them) durably, as its upload request; OutboxFull if it does not fit."""
+        size = sum(len(part) for part in parts)
+        prefix = upload_request_prefix(bytes.fromhex(job_id), size)
         with self._lock:
             used = self.used()
-            if used + len(data) > self.max_bytes:
+            if used + len(prefix) + size > self.max_bytes:
                 raise OutboxFull(
-                    f"outbox full: {used} of {self.max_bytes} bytes used, a {len(data)} byte "
+                    f"outbox full: {used} of {self.max_bytes} bytes used, a {size} byte "
                     "chunk does not fit; nothing queued was dropped (free space by finishing or "
                     "cancelling jobs, or raise [training] outbox_max_bytes)"
                 )
@@ -66,13 +77,25 @@ class Outbox:
             tmp = final.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                for part in (prefix, *parts):
+                    handle.write(part)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
 
+    def message(self, job_id: str, index: int) -> bytes:
+        """The chunk's serialized ``UploadRequest``, as the uploader sends it."""
+        data = _read(self.path(job_id, index))
+        if data[:1] != bytes([_MESSAGE_START]):  # a bare chunk (spooled by an older version)
+            return upload_request_prefix(bytes.fromhex(job_id), len(data)) + data
+        return data
+
     def get(self, job_id: str, index: int) -> bytes:
-        return self.path(job_id, index).read_bytes()
+        """The sealed chunk."""
+        data = self.path(job_id, index).read_bytes()
+        if data[:1] != bytes([_MESSAGE_START]):
+            return data
+        return training_pb2.UploadRequest.FromString(data).chunk
 
     def has(self, job_id: str, index: int) -> bool:
         return self.path(job_id, index).exists()
@@ -97,3 +120,19 @@ class Outbox:
 
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self._dir(job_id), ignore_errors=True)
+
+
+def _read(path: Path) -> bytes:
+    """The whole file in one buffer of exactly its size (no growing or shrinking)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size)
+        if len(data) < size:  # a short read: rare on a regular file
+            parts = [data]
+            while chunk := os.read(fd, size - sum(map(len, parts))):
+                parts.append(chunk)
+            data = b"".join(parts)
+        return data
+    finally:
+        os.close(fd)

@@ -588,7 +588,7 @@ class TrainingService:
         transformer = Transformer(columns, plan.actions, record.pseudonym_key)
 
         def emit(index: int, final: bool, data: bytes) -> None:
-            self.outbox.put(job_id, index, keys.seal_chunk(index, final, data))
+            self.outbox.put(job_id, index, *keys.seal_chunk_parts(index, final, data))
 
         chunker = Chunker(job["chunk_bytes"], emit)
         rows = 0
@@ -758,7 +758,7 @@ class TrainingService:
                         return
                 if stop.is_set():
                     return
-                yield upload_request(keys.job_id, self.outbox.get(job_id, index))
+                yield self.outbox.message(job_id, index)  # the serialized request, as stored
 
         call = self.client().upload(requests())
         first = True

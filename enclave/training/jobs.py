@@ -48,6 +48,10 @@ COMPLETED: Final = "completed"
 FAILED: Final = "failed"
 CANCELLED: Final = "cancelled"
 
+#: A sealed chunk as received: bytes, or a view into the upload request that carried it (the
+#: enclave reads chunks in place, without copying them out of their message).
+Sealed = bytes | memoryview
+
 
 @dataclass(frozen=True)
 class JobContext:
@@ -85,8 +89,8 @@ class Spool:
     def __init__(self, root: Path, job_hex: str, keys: JobKeys) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix=f"job-{job_hex[:8]}-", dir=root))
         self._keys = keys
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(self.QUEUE_CHUNKS)
-        self._memory: dict[int, bytes] = {}
+        self._queue: queue.Queue[tuple[int, Sealed] | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self._memory: dict[int, Sealed] = {}
         self._memory_bytes = 0
         self._error: str | None = None
         self._writer = threading.Thread(target=self._write_all, name="sim-spool", daemon=True)
@@ -104,7 +108,7 @@ class Spool:
                 self._queue.task_done()
         self._queue.task_done()
 
-    def write(self, index: int, sealed_chunk: bytes) -> None:
+    def write(self, index: int, sealed_chunk: Sealed) -> None:
         if self._memory_bytes + len(sealed_chunk) <= self.MEMORY_BYTES:
             self._memory[index] = sealed_chunk
             self._memory_bytes += len(sealed_chunk)
@@ -144,14 +148,14 @@ class _SpoolReader(io.RawIOBase):
         self._spool = spool
         self._count = count
         self._next = 0
-        self._buffer = b""
+        self._buffer = memoryview(b"")  # the rest of the current chunk (a view: no re-copying)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, target: Any) -> int:
         while not self._buffer and self._next < self._count:
-            self._buffer = self._spool.read(self._next)
+            self._buffer = memoryview(self._spool.read(self._next))
             self._next += 1
         n = min(len(target), len(self._buffer))
         target[:n] = self._buffer[:n]
@@ -186,7 +190,7 @@ class Job:
     def complete(self) -> bool:
         return self.state != RECEIVING
 
-    def accept(self, chunk: bytes, on_complete: Callable[[Job], None]) -> None:
+    def accept(self, chunk: Sealed, on_complete: Callable[[Job], None]) -> None:
         """Store one chunk; Refused (job unchanged) if it is not the next authentic chunk."""
         with self.lock:
             try:
@@ -195,7 +199,7 @@ class Job:
                 self.refused[exc.code.name] += 1
                 raise
 
-    def _accept_locked(self, chunk: bytes, on_complete: Callable[[Job], None]) -> None:
+    def _accept_locked(self, chunk: Sealed, on_complete: Callable[[Job], None]) -> None:
         if self.state != RECEIVING:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,

@@ -41,6 +41,7 @@ from enclave.training.jobs import (
     Job,
     JobContext,
     JobTable,
+    Sealed,
     Spool,
 )
 from sovra.envelope import ReplyWriter
@@ -48,6 +49,7 @@ from sovra.pki import Identity
 from sovra.tls import peer_identity
 from sovra.training import (
     ARTIFACT_SLICE_BYTES,
+    JOB_ID_LEN,
     RECEIPT_TYPE,
     RECEIPT_VERSION,
     BadProof,
@@ -85,9 +87,70 @@ def service_for(processor: RequestProcessor) -> TrainingServicer | None:
 
 def add_training_service(server: grpc.Server, processor: RequestProcessor) -> TrainingServicer:
     servicer = TrainingServicer(processor)
-    training_pb2_grpc.add_EnclaveTrainingServicer_to_server(servicer, server)
+    _register(servicer, server)
     _SERVICES[processor] = servicer
     return servicer
+
+
+def _register(servicer: TrainingServicer, server: grpc.Server) -> None:
+    """Like the generated ``add_EnclaveTrainingServicer_to_server``, but ``Upload`` takes the
+    serialized ``UploadRequest`` bytes: a chunk is read in place (:func:`upload_fields`), not
+    parsed into a message and copied out of it."""
+    pb, frame = training_pb2, enclave_pb2.SealedFrame.SerializeToString
+    handlers = {
+        "OpenJob": grpc.unary_unary_rpc_method_handler(
+            servicer.OpenJob, pb.OpenJobRequest.FromString, pb.JobAck.SerializeToString
+        ),
+        "Upload": grpc.stream_stream_rpc_method_handler(
+            servicer.Upload, None, pb.JobAck.SerializeToString
+        ),
+        "GetJob": grpc.unary_unary_rpc_method_handler(
+            servicer.GetJob, pb.JobRef.FromString, pb.JobStatus.SerializeToString
+        ),
+        "FetchResult": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchResult, pb.JobRef.FromString, frame
+        ),
+        "CloseJob": grpc.unary_unary_rpc_method_handler(
+            servicer.CloseJob, pb.CloseJobRequest.FromString, pb.CloseJobResponse.SerializeToString
+        ),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, pb.ScoreRequest.FromString, frame
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def upload_fields(raw: bytes) -> tuple[bytes, Sealed]:
+    """``(job_id, chunk)`` of a serialized ``UploadRequest``. Laid out as the edge writes it
+    (field 1, then field 2, nothing else) the chunk is a view into ``raw``; anything else is
+    parsed by protobuf. Refused (INVALID_ARGUMENT) if it is not an ``UploadRequest``."""
+    start = 2 + JOB_ID_LEN
+    if raw[:2] == _JOB_ID_TAG and len(raw) >= start:
+        if len(raw) == start:
+            return raw[2:start], b""
+        length = _varint(raw, start + 1) if raw[start] == 0x12 else None
+        if length is not None and length[1] + length[0] == len(raw):
+            return raw[2:start], memoryview(raw)[length[1] :]
+    try:
+        request = training_pb2.UploadRequest.FromString(raw)
+    except Exception:  # protobuf DecodeError
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed upload request") from None
+    return request.job_id, request.chunk
+
+
+_JOB_ID_TAG: Final = bytes([0x0A, JOB_ID_LEN])  # field 1 (job_id), length 16
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(value, position after it) of the protobuf varint at ``pos``, or None."""
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(data))):
+        value |= (data[i] & 0x7F) << shift
+        if not data[i] & 0x80:
+            return value, i + 1
+        shift += 7
+    return None
 
 
 class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
@@ -171,15 +234,15 @@ class TrainingServicer(training_pb2_grpc.EnclaveTrainingServicer):
         )  # fmt: skip
         return self._ack(job)
 
-    def Upload(
-        self, request_iterator: Iterator[training_pb2.UploadRequest], context: grpc.ServicerContext
+    def Upload(  # type: ignore[override]  # serialized requests in: see _register
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[training_pb2.JobAck]:
         _authorize(context)
         complete: list[Job] = []
         try:
-            for request in request_iterator:
-                job = self.jobs.get(request.job_id)
-                chunk = request.chunk  # each access copies the bytes: once
+            for raw in request_iterator:
+                job_id, chunk = upload_fields(raw)
+                job = self.jobs.get(job_id)
                 if chunk:
                     job.accept(chunk, complete.append)
                 yield self._ack(job)
